@@ -1,0 +1,141 @@
+"""ModelConfig: a frozen description of one model, built from GGUF metadata.
+
+Architectures differ only in data (the ARCHS table): which norms exist, rope mode, activation,
+embedding scale, sliding-window layout. No subclasses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edgert.errors import EdgertError
+
+# Per-architecture facts that GGUF does not carry; values follow llama.cpp (src/models/*.cpp).
+ARCHS = {
+    "llama": dict(rope_neox=False, ffn_act="silu"),
+    "qwen2": dict(rope_neox=True, ffn_act="silu"),
+    "qwen3": dict(rope_neox=True, ffn_act="silu", qk_norm=True),
+    # gemma3: GeGLU, q/k norms, post-attention and post-FFN norms, embeddings * sqrt(n_embd),
+    # 5 sliding-window layers then 1 global layer, local rope base 10000 (not in the file).
+    "gemma3": dict(rope_neox=True, ffn_act="gelu", qk_norm=True, post_norms=True,
+                   embed_scale=True, swa_pattern=6, rope_base_swa=10000.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    name: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_base: float
+    rope_freq_scale: float
+    n_rot: int
+    rope_neox: bool
+    ffn_act: str                 # "silu" (SwiGLU) or "gelu" (GeGLU)
+    qk_norm: bool
+    post_norms: bool
+    embed_scale: float           # multiplier on token embeddings (1.0 = none)
+    q_scale: float               # multiplier on q before attention (gemma3), kq_scale then 1
+    kq_scale: float              # softmax scale
+    swa_window: int              # 0 = no sliding window
+    swa_layers: tuple            # per layer: True if sliding-window (local)
+    rope_base_swa: float
+    tied_embeddings: bool
+    file_type: str
+
+    def is_swa(self, il: int) -> bool:
+        return self.swa_layers[il]
+
+    def rope_base_for(self, il: int) -> float:
+        return self.rope_base_swa if self.is_swa(il) else self.rope_base
+
+    def rope_scale_for(self, il: int) -> float:
+        return 1.0 if self.is_swa(il) else self.rope_freq_scale
+
+    @property
+    def n_params(self) -> int:
+        attn = self.n_embd * self.head_dim * (2 * self.n_head + 2 * self.n_head_kv)
+        ffn = 3 * self.n_embd * self.n_ff
+        emb = self.n_vocab * self.n_embd * (1 if self.tied_embeddings else 2)
+        return self.n_layer * (attn + ffn) + emb
+
+
+def config_from_gguf(g) -> ModelConfig:
+    """Build the config of GGUFFile `g`, validating every value it uses."""
+    arch = g.require("general.architecture")
+    if arch not in ARCHS:
+        raise EdgertError(f"{g.path}: unknown architecture '{arch}' (supported: {', '.join(ARCHS)})")
+    a = ARCHS[arch]
+
+    def need(key, kind=int, minimum=1):
+        v = g.require(f"{arch}.{key}")
+        if isinstance(v, list):  # per-layer arrays: all equal for the supported models
+            if len(set(v)) != 1:
+                raise EdgertError(f"{g.path}: per-layer '{arch}.{key}' values are not supported")
+            v = v[0]
+        try:
+            v = kind(v)
+        except (TypeError, ValueError):
+            raise EdgertError(f"{g.path}: '{arch}.{key}' has invalid value {v!r}") from None
+        if v < minimum:
+            raise EdgertError(f"{g.path}: '{arch}.{key}' = {v} is out of range")
+        return v
+
+    n_embd = need("embedding_length")
+    n_layer = need("block_count")
+    n_head = need("attention.head_count")
+    n_head_kv = int(g.get(f"{arch}.attention.head_count_kv", n_head))
+    head_dim = int(g.get(f"{arch}.attention.key_length", n_embd // n_head))
+    if n_head_kv < 1 or n_head % n_head_kv:
+        raise EdgertError(f"{g.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    if head_dim < 2 or head_dim % 2:
+        raise EdgertError(f"{g.path}: invalid head dimension {head_dim}")
+    emb = g.tensor("token_embd.weight")
+    n_vocab = emb.rows
+    tokens = g.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != n_vocab:
+        raise EdgertError(f"{g.path}: vocabulary has {len(tokens)} tokens, embedding has {n_vocab} rows")
+    swa_window = int(g.get(f"{arch}.attention.sliding_window", 0) or 0) if a.get("swa_pattern") else 0
+    pattern = a.get("swa_pattern", 0)
+    swa_layers = tuple(bool(swa_window and pattern and (il % pattern < pattern - 1)) for il in range(n_layer))
+    rope_scale = 1.0
+    if g.get(f"{arch}.rope.scaling.type") == "linear":
+        rope_scale = 1.0 / float(g.get(f"{arch}.rope.scaling.factor", 1.0))
+    q_scale = 1.0 / math.sqrt(head_dim) if arch == "gemma3" else 1.0
+    from edgert.kernels.quant import TYPE_NAMES
+    return ModelConfig(
+        arch=arch,
+        name=str(g.get("general.name", "")),
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ff=need("feed_forward_length"),
+        n_ctx_train=need("context_length"),
+        rms_eps=need("attention.layer_norm_rms_epsilon", float, 0.0),
+        rope_base=float(g.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_freq_scale=rope_scale,
+        n_rot=int(g.get(f"{arch}.rope.dimension_count", head_dim)),
+        rope_neox=a["rope_neox"],
+        ffn_act=a["ffn_act"],
+        qk_norm=a.get("qk_norm", False),
+        post_norms=a.get("post_norms", False),
+        embed_scale=math.sqrt(n_embd) if a.get("embed_scale") else 1.0,
+        q_scale=q_scale,
+        kq_scale=1.0 if arch == "gemma3" else 1.0 / math.sqrt(head_dim),
+        swa_window=swa_window,
+        swa_layers=swa_layers,
+        rope_base_swa=float(g.get(f"{arch}.rope.freq_base_swa", a.get("rope_base_swa", 10000.0))),
+        tied_embeddings="output.weight" not in g.tensors,
+        file_type=", ".join(sorted({TYPE_NAMES.get(t.qtype, str(t.qtype)) for t in g.tensors.values()})),
+    )

@@ -1,0 +1,229 @@
+"""The transformer forward pass: weights, KV cache, `prefill` and `decode_one_token`.
+
+One readable module for every supported architecture; the differences are ModelConfig data.
+Buffers are allocated once (for up to n_batch tokens); the decode loop allocates nothing large.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgert.config import ModelConfig, config_from_gguf
+from edgert.errors import EdgertError
+from edgert.gguf_file import GGUFFile
+from edgert.kernels.activation import geglu, swiglu
+from edgert.kernels.attention import attention, store_kv
+from edgert.kernels.matmul import ActBuffers, matmul, matmuls
+from edgert.kernels.norm import rmsnorm
+from edgert.kernels.quant import DOT, F16_TABLE, QMatrix, dequantize_row
+from edgert.kernels.rope import rope, theta_scale
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray        # [n_embd]
+    wq: QMatrix                  # [n_head * head_dim, n_embd]
+    wk: QMatrix                  # [n_head_kv * head_dim, n_embd]
+    wv: QMatrix                  # [n_head_kv * head_dim, n_embd]
+    wo: QMatrix                  # [n_embd, n_head * head_dim]
+    bq: np.ndarray | None        # [n_head * head_dim] (qwen2)
+    bk: np.ndarray | None
+    bv: np.ndarray | None
+    q_norm: np.ndarray | None    # [head_dim] (gemma3, qwen3)
+    k_norm: np.ndarray | None
+    post_attn_norm: np.ndarray | None  # [n_embd] (gemma3)
+    ffn_norm: np.ndarray         # [n_embd]
+    w_gate: QMatrix              # [n_ff, n_embd]
+    w_up: QMatrix                # [n_ff, n_embd]
+    w_down: QMatrix              # [n_embd, n_ff]
+    post_ffn_norm: np.ndarray | None
+
+
+def load_weights(g: GGUFFile, c: ModelConfig):
+    """-> (token_embd, output_norm, output, layers), every shape checked against the config."""
+    E, Dq, Dkv = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+
+    def opt_vec(name, n):
+        return g.load_vector(name, n) if name in g.tensors else None
+
+    layers = []
+    for il in range(c.n_layer):
+        p = f"blk.{il}."
+        layers.append(Layer(
+            attn_norm=g.load_vector(p + "attn_norm.weight", E),
+            wq=g.load(p + "attn_q.weight", Dq, E),
+            wk=g.load(p + "attn_k.weight", Dkv, E),
+            wv=g.load(p + "attn_v.weight", Dkv, E),
+            wo=g.load(p + "attn_output.weight", E, Dq),
+            bq=opt_vec(p + "attn_q.bias", Dq),
+            bk=opt_vec(p + "attn_k.bias", Dkv),
+            bv=opt_vec(p + "attn_v.bias", Dkv),
+            q_norm=g.load_vector(p + "attn_q_norm.weight", c.head_dim) if c.qk_norm else None,
+            k_norm=g.load_vector(p + "attn_k_norm.weight", c.head_dim) if c.qk_norm else None,
+            post_attn_norm=g.load_vector(p + "post_attention_norm.weight", E) if c.post_norms else None,
+            ffn_norm=g.load_vector(p + "ffn_norm.weight", E),
+            w_gate=g.load(p + "ffn_gate.weight", c.n_ff, E),
+            w_up=g.load(p + "ffn_up.weight", c.n_ff, E),
+            w_down=g.load(p + "ffn_down.weight", E, c.n_ff),
+            post_ffn_norm=g.load_vector(p + "post_ffw_norm.weight", E) if c.post_norms else None,
+        ))
+    tok_embd = g.load("token_embd.weight", c.n_vocab, E)
+    output_norm = g.load_vector("output_norm.weight", E)
+    output = tok_embd if c.tied_embeddings else g.load("output.weight", c.n_vocab, E)
+    return tok_embd, output_norm, output, layers
+
+
+class Model:
+    """A loaded model with its KV cache. Positions are absolute; `n_past` tokens are cached."""
+
+    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512):
+        t0 = time.perf_counter()
+        self.path = str(path)
+        g = GGUFFile(self.path)
+        self.gguf = g
+        self.cfg = c = config_from_gguf(g)
+        self.tok_embd, self.output_norm, self.output, self.layers = load_weights(g, c)
+        g.close()
+        self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
+        self.n_batch = max(1, min(n_batch, self.n_ctx))
+        self.weight_bytes = sum(w.nbytes for w in self._matrices()) + (
+            0 if c.tied_embeddings else 0)
+        # KV cache, fp16 bits: [n_layer, n_ctx, n_head_kv, head_dim]
+        kv_shape = (c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim)
+        self.k_cache = np.zeros(kv_shape, np.uint16)
+        self.v_cache = np.zeros(kv_shape, np.uint16)
+        self.n_past = 0
+        B, E, F = self.n_batch, c.n_embd, c.n_ff
+        Dq, Dkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        self.x = np.empty((B, E), np.float32)      # [B, n_embd] residual stream
+        self.xn = np.empty((B, E), np.float32)     # [B, n_embd] normed input
+        self.q = np.empty((B, Dq), np.float32)     # [B, n_head * head_dim]
+        self.k = np.empty((B, Dkv), np.float32)    # [B, n_head_kv * head_dim]
+        self.v = np.empty((B, Dkv), np.float32)    # [B, n_head_kv * head_dim]
+        self.att = np.empty((B, Dq), np.float32)   # [B, n_head * head_dim]
+        self.o = np.empty((B, E), np.float32)      # [B, n_embd]
+        self.gate = np.empty((B, F), np.float32)   # [B, n_ff]
+        self.up = np.empty((B, F), np.float32)     # [B, n_ff]
+        self.act_e = ActBuffers(B, E)              # quantised activations of width n_embd
+        self.act_q = ActBuffers(B, max(Dq, F))     # ... of width n_head * head_dim or n_ff
+        self.tscale = {il: theta_scale(c.rope_base_for(il), c.n_rot) for il in range(c.n_layer)}
+        self.t_load_ms = (time.perf_counter() - t0) * 1e3
+
+    def _matrices(self):
+        yield self.tok_embd
+        if self.output is not self.tok_embd:
+            yield self.output
+        for L in self.layers:
+            yield from (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
+
+    def reset(self):
+        self.n_past = 0
+
+    # ---------------------------------------------------------------------------------------
+    # forward
+    # ---------------------------------------------------------------------------------------
+
+    def forward(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions n_past.. ; returns logits [T, n_vocab] or [1, n_vocab] (last)."""
+        tokens = np.asarray(tokens, np.int64)
+        T = len(tokens)
+        if T == 0:
+            raise EdgertError("no tokens to evaluate")
+        if self.n_past + T > self.n_ctx:
+            raise EdgertError(f"{self.n_past + T} tokens do not fit the context of {self.n_ctx} "
+                              f"(raise -c / n_ctx)")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
+            raise EdgertError(f"token id out of range [0, {self.cfg.n_vocab})")
+        outs = []
+        for s in range(0, T, self.n_batch):
+            chunk = tokens[s:s + self.n_batch]
+            x = self._hidden(chunk)
+            last = s + self.n_batch >= T
+            if all_logits:
+                outs.append(self._logits(x))
+            elif last:
+                outs.append(self._logits(x[-1:]))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def prefill(self, tokens) -> np.ndarray:
+        """Evaluate a prompt; returns the logits of its last token [n_vocab]."""
+        return self.forward(tokens)[-1]
+
+    def decode_one_token(self, token: int) -> np.ndarray:
+        """Evaluate one token at position n_past; returns its logits [n_vocab]."""
+        return self.forward([token])[-1]
+
+    def _hidden(self, tokens) -> np.ndarray:
+        c = self.cfg
+        T = len(tokens)
+        pos0 = self.n_past
+        x = self.x[:T]
+        S = DOT[self.tok_embd.qtype][1]
+        for t, tok in enumerate(tokens):
+            dequantize_row(self.tok_embd.qtype, *self.tok_embd.arrays(), int(tok), S, x[t])
+        if c.embed_scale != 1.0:
+            x *= np.float32(np.sqrt(np.float32(c.n_embd)))
+        for il, L in enumerate(self.layers):
+            self._attention_block(il, L, x, T, pos0)
+            self._ffn_block(L, x, T)
+        self.n_past += T
+        return x
+
+    def _attention_block(self, il, L: Layer, x, T, pos0):
+        c = self.cfg
+        xn, q, k, v, att, o = self.xn[:T], self.q[:T], self.k[:T], self.v[:T], self.att[:T], self.o[:T]
+        rmsnorm(x, L.attn_norm, c.rms_eps, xn)
+        matmuls(xn, [(L.wq, q), (L.wk, k), (L.wv, v)], self.act_e)
+        if L.bq is not None:
+            q += L.bq
+            k += L.bk
+            v += L.bv
+        q3 = q.reshape(T, c.n_head, c.head_dim)     # [T, n_head, head_dim]
+        k3 = k.reshape(T, c.n_head_kv, c.head_dim)  # [T, n_head_kv, head_dim]
+        v3 = v.reshape(T, c.n_head_kv, c.head_dim)
+        if c.qk_norm:
+            qf = q.reshape(T * c.n_head, c.head_dim)
+            kf = k.reshape(T * c.n_head_kv, c.head_dim)
+            rmsnorm(qf, L.q_norm, c.rms_eps, qf)
+            rmsnorm(kf, L.k_norm, c.rms_eps, kf)
+        rope(q3, pos0, c.n_rot, self.tscale[il], np.float32(c.rope_scale_for(il)), c.rope_neox)
+        rope(k3, pos0, c.n_rot, self.tscale[il], np.float32(c.rope_scale_for(il)), c.rope_neox)
+        if c.q_scale != 1.0:
+            q *= np.float32(c.q_scale)
+        store_kv(k3, v3, self.k_cache[il], self.v_cache[il], pos0)
+        window = c.swa_window if c.is_swa(il) else 0
+        attention(q3, self.k_cache[il], self.v_cache[il], pos0, window, np.float32(c.kq_scale),
+                  F16_TABLE, att)
+        matmul(L.wo, att, o, self.act_q)
+        if L.post_attn_norm is not None:
+            rmsnorm(o, L.post_attn_norm, c.rms_eps, o)
+        x += o
+
+    def _ffn_block(self, L: Layer, x, T):
+        c = self.cfg
+        xn, gate, up, o = self.xn[:T], self.gate[:T], self.up[:T], self.o[:T]
+        rmsnorm(x, L.ffn_norm, c.rms_eps, xn)
+        matmuls(xn, [(L.w_gate, gate), (L.w_up, up)], self.act_e)
+        (geglu if c.ffn_act == "gelu" else swiglu)(gate, up, gate)
+        matmul(L.w_down, gate, o, self.act_q)
+        if L.post_ffn_norm is not None:
+            rmsnorm(o, L.post_ffn_norm, c.rms_eps, o)
+        x += o
+
+    def _logits(self, x) -> np.ndarray:
+        c = self.cfg
+        T = x.shape[0]
+        xn = self.xn[:T]
+        rmsnorm(x, self.output_norm, c.rms_eps, xn)
+        out = np.empty((T, c.n_vocab), np.float32)  # [T, n_vocab]
+        matmul(self.output, xn, out, self.act_e)
+        return out

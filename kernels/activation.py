@@ -1,0 +1,41 @@
+"""Gated FFN activations: SwiGLU (silu(g) * u) and GeGLU (gelu_tanh(g) * u, through fp16 as ggml)."""
+
+import numba as nb
+import numpy as np
+
+from edgert.kernels.quant import round_f16
+
+_SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+_GELU_COEF_A = np.float32(0.044715)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"contract"})
+def swiglu(g, u, out):
+    """out[T, n] = g / (1 + exp(-g)) * u."""
+    T, n = g.shape
+    for t in range(T):
+        for j in range(n):
+            x = g[t, j]
+            out[t, j] = x / (np.float32(1.0) + np.exp(-x)) * u[t, j]
+
+
+@nb.njit(cache=True, nogil=True)
+def gelu_f32(x):
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_SQRT_2_OVER_PI * x * (np.float32(1.0) + _GELU_COEF_A * x * x)))
+
+
+@nb.njit(cache=True, nogil=True)
+def geglu(g, u, out):
+    """out[T, n] = gelu(g) * u, gelu evaluated on fp16-rounded input and rounded to fp16 (ggml's
+    GGML_GELU_FP16 table)."""
+    T, n = g.shape
+    for t in range(T):
+        for j in range(n):
+            x = g[t, j]
+            if x <= np.float32(-10.0):
+                y = np.float32(0.0)
+            elif x >= np.float32(10.0):
+                y = x
+            else:
+                y = round_f16(gelu_f32(round_f16(x)))
+            out[t, j] = y * u[t, j]
