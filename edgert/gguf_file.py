@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,28 +44,13 @@ class GGUFFile:
     def __init__(self, path: str):
         self.path = str(path)
         self.size = _check_header(self.path)
-        try:
-            from gguf import GGUFReader
-            reader = GGUFReader(self.path, "r")
-        except Exception as e:  # gguf raises ValueError / IndexError / struct errors on bad files
-            raise EdgertError(f"{self.path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-        self.metadata = {}
-        for key, field in reader.fields.items():
-            try:
-                self.metadata[key] = field.contents()
-            except Exception:
-                continue
-        self.tensors: dict[str, TensorInfo] = {}
-        for t in reader.tensors:
-            info = TensorInfo(t.name, int(t.tensor_type), tuple(int(s) for s in t.shape),
-                              int(t.data_offset), int(t.n_bytes))
-            if info.offset < 0 or info.offset + info.nbytes > self.size:
-                raise EdgertError(f"{self.path}: truncated GGUF: tensor '{t.name}' ends at byte "
-                                  f"{info.offset + info.nbytes}, file has {self.size}")
-            self.tensors[t.name] = info
-        del reader
         self._fd = os.open(self.path, os.O_RDONLY)
         self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        try:
+            self.version, self.metadata, self.tensors = _parse(self._mm, self.path, self.size)
+        except EdgertError:
+            self.close()
+            raise
 
     def get(self, key, default=None):
         return self.metadata.get(key, default)
@@ -117,9 +103,111 @@ class GGUFFile:
 
     def close(self):
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds a view of raw(); the GC unmaps it
+                pass
             os.close(self._fd)
             self._mm = None
+
+
+# ============================================================================================
+# Parsing (the gguf package's GGUFReader builds a view per array element: 2-10 s for a 262k-token
+# vocabulary; this reads the same format in a fraction of a second and is checked against it)
+# ============================================================================================
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+       7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+class _Cursor:
+    def __init__(self, mm, path, size):
+        self.mm, self.path, self.size, self.pos = mm, path, size, 0
+
+    def need(self, n, what):
+        if n < 0 or self.pos + n > self.size:
+            raise EdgertError(f"{self.path}: truncated GGUF while reading {what} at byte {self.pos}")
+
+    def unpack(self, fmt, what):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.mm, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what):
+        n = self.unpack("<Q", what)
+        self.need(n, what)
+        b = self.mm[self.pos:self.pos + n]
+        self.pos += n
+        return b.decode("utf-8", "replace")
+
+    def value(self, vtype, what):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype], what)
+        if vtype == 8:
+            return self.string(what)
+        if vtype == 9:
+            etype = self.unpack("<I", what)
+            count = self.unpack("<Q", what)
+            if etype in _NP:
+                n = count * np.dtype(_NP[etype]).itemsize
+                self.need(n, what)
+                arr = np.frombuffer(self.mm, _NP[etype], count, self.pos)
+                self.pos += n
+                return arr.tolist()
+            if count > self.size:
+                raise EdgertError(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
+            return [self.value(etype, what) for _ in range(count)]
+        raise EdgertError(f"{self.path}: corrupt GGUF: unknown value type {vtype} for '{what}'")
+
+
+def _parse(mm, path, size):
+    c = _Cursor(mm, path, size)
+    c.pos = 4
+    version = c.unpack("<I", "version")
+    n_tensors = c.unpack("<Q", "header")
+    n_kv = c.unpack("<Q", "header")
+    if n_tensors > size or n_kv > size:
+        raise EdgertError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+    meta = {}
+    for _ in range(n_kv):
+        key = c.string("metadata key")
+        meta[key] = c.value(c.unpack("<I", key), key)
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string("tensor name")
+        n_dims = c.unpack("<I", name)
+        if n_dims > 4:
+            raise EdgertError(f"{path}: corrupt GGUF: tensor '{name}' has {n_dims} dimensions")
+        shape = tuple(c.unpack("<Q", name) for _ in range(n_dims))
+        qtype = c.unpack("<I", name)
+        offset = c.unpack("<Q", name)
+        infos.append((name, qtype, shape, offset))
+    align = int(meta.get("general.alignment", 32))
+    if align <= 0 or align & (align - 1):
+        raise EdgertError(f"{path}: corrupt GGUF: alignment {align}")
+    data_start = (c.pos + align - 1) // align * align
+    tensors = {}
+    for name, qtype, shape, offset in infos:
+        nbytes = _tensor_nbytes(qtype, shape)
+        t = TensorInfo(name, qtype, shape, data_start + offset, nbytes)
+        if nbytes is not None and t.offset + nbytes > size:
+            raise EdgertError(f"{path}: truncated GGUF: tensor '{name}' ends at byte "
+                              f"{t.offset + nbytes}, file has {size}")
+        tensors[name] = t
+    return version, meta, tensors
+
+
+def _tensor_nbytes(qtype, shape):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        epb, bpb = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):
+        return 0  # unknown type: reported when the tensor is loaded
+    n = int(np.prod(shape)) if shape else 1
+    return n // epb * bpb
 
 
 def _type_name(qtype: int) -> str:

@@ -86,7 +86,7 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int) -> QMatrix:
     ef = np.zeros((rows, 0), np.float32)
     if qtype == F32:
         w = raw.view(np.float32).reshape(rows, cols)
-        return QMatrix(qtype, rows, cols, e8, e8, e8, np.ascontiguousarray(w), ef)
+        return QMatrix(qtype, rows, cols, e8, e8, e8, w.copy(), ef)
     if qtype == F16:
         w = raw.view(np.float16).reshape(rows, cols).astype(np.float32)
         return QMatrix(qtype, rows, cols, e8, e8, e8, w, ef)
