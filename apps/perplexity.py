@@ -1,0 +1,35 @@
+"""edgert perplexity: llama-perplexity's method (chunks of n_ctx, BOS first, second half scored)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgert.apps.common import add_model_args, err, load
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="edgert perplexity", description=__doc__)
+    add_model_args(p, ctx=False)
+    p.add_argument("-f", "--file", required=True, help="text file")
+    p.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens")
+    p.add_argument("--chunks", type=int, default=-1, help="max chunks (-1 = all)")
+    p.add_argument("-b", "--batch-size", type=int, default=512)
+    args = p.parse_args(argv)
+    from edgert.errors import EdgertError
+    from edgert.perplexity import perplexity
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgertError(f"{args.file}: cannot read text ({e})") from None
+    model, tok = load(args)
+    ids = tok.encode(text, add_special=True)
+    bos = tok.bos_id if tok.add_bos else None
+    n_avail = len(ids) // args.ctx_size
+    n = n_avail if args.chunks < 0 else min(args.chunks, n_avail)
+    err(f"perplexity: tokenized {len(ids)} tokens; calculating over {n} chunks of n_ctx={args.ctx_size}")
+    res = perplexity(model, ids, args.ctx_size, args.chunks, bos,
+                     on_chunk=lambda i, v: (sys.stdout.write(f"[{i + 1}]{v:.4f},"), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.ppl_err:.5f}")
+    return 0

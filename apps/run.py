@@ -1,0 +1,63 @@
+"""edgert run: generate from a prompt, streaming tokens, then llama.cpp-style timing lines."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgert.apps.common import add_model_args, err, load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgert run", description=__doc__)
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="prompt text")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1 = until end or context full)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt")
+    return p
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from edgert.chat import format_chat, template_for
+    from edgert.errors import EdgertError
+    from edgert.generate import generate
+    from edgert.sampling import SamplingParams
+    prompt = args.prompt
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgertError(f"{args.file}: cannot read prompt ({e})") from None
+    if prompt is None:
+        prompt = "Once upon a time"
+    model, tok = load(args)
+    if args.chat:
+        text = format_chat(template_for(tok, model.cfg.arch), [{"role": "user", "content": prompt}], tok)
+        ids = tok.encode(text, add_special=False, special=True)
+    else:
+        ids = tok.encode(prompt, add_special=True)
+    if not args.no_display_prompt:
+        sys.stdout.write(prompt if not args.chat else text)
+        sys.stdout.flush()
+    stream = tok.stream_decoder()
+
+    def on_token(t):
+        sys.stdout.write(stream(t))
+        sys.stdout.flush()
+
+    n = args.n_predict if args.n_predict >= 0 else model.n_ctx
+    params = SamplingParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    tm = generate(model, ids, n, params, is_eog=tok.is_eog, on_token=on_token)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    err("")
+    for line in tm.lines():
+        err(line)
+    return 0

@@ -1,0 +1,139 @@
+"""Tiny random-weight GGUF models of each supported architecture, written with gguf's writer.
+
+They are for wiring tests (same logits as llama.cpp on the same file) and for compiling kernels,
+never for claims about quality or speed. Matrix types are chosen per tensor so that one small
+file exercises every supported quant type.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from edgert.kernels.quant import BLOCK, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
+
+# which type each matrix gets (rows of 256 allow the K-quants everywhere)
+DEFAULT_TYPES = {"attn_q": Q4_0, "attn_k": Q5_0, "attn_v": Q8_0, "attn_output": Q4_K,
+                 "ffn_gate": Q4_1, "ffn_up": Q4_K, "ffn_down": Q6_K, "token_embd": Q8_0, "output": F16}
+
+
+def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
+    """Random but valid quantised data [rows, row_bytes]: every bit pattern of the quants, with
+    block scales set to small normal fp16 values so the weights stay in a sane range."""
+    epb, bpb = BLOCK[qtype]
+    if qtype == F32:
+        return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+    if qtype == F16:
+        return (rng.standard_normal((rows, cols)) * scale).astype(np.float16)
+    nb = cols // epb
+    b = rng.integers(0, 256, (rows, nb, bpb), dtype=np.uint8)
+
+    def put_f16(off, vals):
+        b[:, :, off:off + 2] = vals.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+
+    d = (rng.uniform(0.5, 1.5, (rows, nb)) * scale).astype(np.float32)
+    if qtype in (Q4_0, Q5_0):
+        put_f16(0, d / 8)
+    elif qtype == Q4_1:
+        put_f16(0, d / 8)
+        put_f16(2, -d)
+    elif qtype == Q8_0:
+        put_f16(0, d / 64)
+    elif qtype == Q4_K:
+        put_f16(0, d / 256)
+        put_f16(2, d / 64)
+    elif qtype == Q6_K:
+        b[:, :, 192:208] = (rng.integers(-32, 32, (rows, nb, 16))).astype(np.int8).view(np.uint8)
+        put_f16(208, d / 256)
+    return b.reshape(rows, nb * bpb)
+
+
+def write_tiny_gguf(path: str, arch: str = "llama", n_layer: int = 2, n_embd: int = 256, n_ff: int = 512,
+                    n_head: int = 4, n_head_kv: int = 2, head_dim: int = 64, n_vocab: int = 320,
+                    types: dict | None = None, seed: int = 0, sliding_window: int = 8,
+                    tied: bool = False) -> str:
+    """Write a random-weight model; returns path. The file is written to a temp name, then renamed."""
+    import gguf
+    types = {**DEFAULT_TYPES, **(types or {})}
+    rng = np.random.default_rng(seed)
+    tmp = path + ".tmp"
+    w = gguf.GGUFWriter(tmp, arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0 if arch == "llama" else 1e6)
+    if arch == "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(sliding_window)
+    elif head_dim * n_head != n_embd:
+        raise ValueError("llama/qwen2 need head_dim * n_head == n_embd")
+    else:
+        w.add_rope_dimension_count(head_dim)
+    # SentencePiece-style vocabulary: specials, 256 byte tokens, then single characters
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["\u2581" + chr(c) for c in range(0x61, 0x7B)]
+    toks += alphabet[: n_vocab - len(toks)]
+    toks += [f"<extra{i}>" for i in range(n_vocab - len(toks))]
+    ttypes = [2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(n_vocab - 259)])
+    w.add_token_types(ttypes)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+
+    def mat(name, kind, rows, cols):
+        data = random_blocks(types[kind], rows, cols, rng)
+        w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(types[kind]) if types[kind] not in (F32, F16) else None)
+
+    def vec(name, n, around=1.0):
+        w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    Dq, Dkv = n_head * head_dim, n_head_kv * head_dim
+    # token_embd scale: bigger than the matrices so the residual stream is not all noise
+    w.add_tensor("token_embd.weight", random_blocks(types["token_embd"], n_vocab, n_embd, rng, 1.0),
+                 raw_dtype=gguf.GGMLQuantizationType(types["token_embd"]) if types["token_embd"] not in (F32, F16) else None)
+    vec("output_norm.weight", n_embd)
+    if not tied:
+        mat("output.weight", "output", n_vocab, n_embd)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        vec(p + "attn_norm.weight", n_embd)
+        mat(p + "attn_q.weight", "attn_q", Dq, n_embd)
+        mat(p + "attn_k.weight", "attn_k", Dkv, n_embd)
+        mat(p + "attn_v.weight", "attn_v", Dkv, n_embd)
+        mat(p + "attn_output.weight", "attn_output", n_embd, Dq)
+        if arch == "qwen2":
+            vec(p + "attn_q.bias", Dq, 0.0)
+            vec(p + "attn_k.bias", Dkv, 0.0)
+            vec(p + "attn_v.bias", Dkv, 0.0)
+        if arch == "gemma3":
+            vec(p + "attn_q_norm.weight", head_dim)
+            vec(p + "attn_k_norm.weight", head_dim)
+            vec(p + "post_attention_norm.weight", n_embd)
+            vec(p + "post_ffw_norm.weight", n_embd)
+        vec(p + "ffn_norm.weight", n_embd)
+        mat(p + "ffn_gate.weight", "ffn_gate", n_ff, n_embd)
+        mat(p + "ffn_up.weight", "ffn_up", n_ff, n_embd)
+        mat(p + "ffn_down.weight", "ffn_down", n_embd, n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def tiny_model_path(arch: str = "llama", **kw) -> str:
+    """A tiny model in a temporary directory (for warm-up and tests)."""
+    d = tempfile.mkdtemp(prefix="edgert-tiny-")
+    return write_tiny_gguf(os.path.join(d, f"tiny-{arch}.gguf"), arch, **kw)

@@ -1,0 +1,30 @@
+"""Every environment knob, in one place, with its default and what it does."""
+from __future__ import annotations
+
+import os
+
+KNOBS = {
+    "EDGERT_MODELS": ("~/.cache/edgert/models", "directory of pulled models"),
+    "EDGERT_CACHE": ("~/.cache/edgert", "cache directory (tokenizers, probes)"),
+    "EDGERT_MODEL": ("", "default for -m/--model"),
+    "EDGERT_THREADS": ("", "default for -t/--threads (else the number of physical cores)"),
+    "EDGERT_N_CTX": ("", "default for -c/--ctx-size"),
+    "EDGERT_LOG": ("WARNING", "log level of the library (DEBUG, INFO, WARNING)"),
+    "NUMBA_CACHE_DIR": ("", "where Numba keeps compiled kernels (default: beside the sources)"),
+}
+
+
+def env(name: str) -> str:
+    default, _ = KNOBS[name]
+    return os.environ.get(name) or default
+
+
+def default_threads() -> int:
+    v = env("EDGERT_THREADS")
+    if v:
+        return int(v)
+    try:
+        import psutil
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:
+        return os.cpu_count() or 1

@@ -1,0 +1,47 @@
+"""Compile every kernel signature the runtime uses, so later runs load them from Numba's cache.
+
+A device must build its own cache (the compiled code targets the host CPU): `edgert warmup` runs
+this once after installation. It evaluates tiny random models of each architecture, which
+exercise every quant type, both rope modes, biases, q/k norms, GeGLU and SwiGLU, single-token
+decode and batched prefill.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import os
+
+log = logging.getLogger(__name__)
+
+ARCH_SHAPES = {
+    "llama": {},
+    "qwen2": {},
+    "gemma3": dict(n_layer=6, head_dim=128, n_head=4, n_head_kv=1),
+}
+
+
+def warmup() -> int:
+    """Returns the number of compiled kernel signatures."""
+    import numpy as np
+
+    from edgert.converters.tiny import tiny_model_path
+    from edgert.model import Model
+    for arch, kw in ARCH_SHAPES.items():
+        path = tiny_model_path(arch, **kw)
+        try:
+            m = Model(path, n_ctx=32, n_batch=8)
+            m.forward(np.arange(3, 13), all_logits=True)  # two batches: prefill
+            m.decode_one_token(5)                          # decode
+        finally:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    return _count_signatures()
+
+
+def _count_signatures() -> int:
+    import importlib
+    n = 0
+    for mod in ("quant", "matmul", "norm", "rope", "attention", "activation"):
+        m = importlib.import_module(f"edgert.kernels.{mod}")
+        for obj in vars(m).values():
+            n += len(getattr(obj, "signatures", []) or [])
+    return n
