@@ -18,7 +18,7 @@ from edgert.kernels.activation import geglu, swiglu
 from edgert.kernels.attention import attention, store_kv
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls
 from edgert.kernels.norm import rmsnorm
-from edgert.kernels.quant import DOT, F16_TABLE, QMatrix, dequantize_row
+from edgert.kernels.quant import F16_TABLE, QMatrix, dequantize_row
 from edgert.kernels.rope import rope, theta_scale
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,8 @@ class Model:
         T = len(tokens)
         pos0 = self.n_past
         x = self.x[:T]
-        S = DOT[self.tok_embd.qtype][1]
         for t, tok in enumerate(tokens):
-            dequantize_row(self.tok_embd.qtype, *self.tok_embd.arrays(), int(tok), S, x[t])
+            dequantize_row(self.tok_embd.qtype, *self.tok_embd.arrays(), int(tok), x[t])
         if c.embed_scale != 1.0:
             x *= np.float32(np.sqrt(np.float32(c.n_embd)))
         for il, L in enumerate(self.layers):
