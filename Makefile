@@ -1,0 +1,60 @@
+# edgert developer tasks. `make run` and `make test` are the README's two set-up commands: both
+# work on a fresh machine (they create .venv, build llama-cpp-python once into a wheel cache
+# outside the repository, and pull the models they need).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE ?= $(HOME)/.cache/edgert
+WHEELS := $(CACHE)/wheels
+FIXTURES := $(CACHE)/fixtures
+LLAMA_VERSION := 0.3.36
+LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64.whl
+export NUMBA_CACHE_DIR ?= $(CACHE)/numba
+PROMPT ?= The three most useful things to know about running language models on a phone are
+
+.PHONY: setup run test warmup models bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(LLAMA_WHEEL): | $(BIN)/python
+	@mkdir -p $(WHEELS)
+	@echo "building llama-cpp-python $(LLAMA_VERSION) from source once (about 5-10 minutes) into $(WHEELS)"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip wheel --quiet --no-deps \
+		llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
+
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) | $(BIN)/python
+	$(BIN)/pip install --quiet $(LLAMA_WHEEL)
+	$(BIN)/pip install --quiet -e ".[dev,llama]" --find-links $(WHEELS)
+	@touch $@
+
+setup: $(VENV)/.installed
+
+$(FIXTURES)/.done: | $(BIN)/python
+	@mkdir -p $(FIXTURES)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VERSION) -d $(FIXTURES)
+	tar -xzf $(FIXTURES)/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $(FIXTURES) --wildcards \
+		'*/vendor/llama.cpp/models/ggml-vocab-*'
+	@touch $@
+
+warmup: setup
+	$(BIN)/edgert warmup
+
+models: setup
+	$(BIN)/edgert pull smollm2-135m gemma3-270m qwen2.5-coder-0.5b
+
+run: setup
+	$(BIN)/edgert pull smollm2-135m
+	$(BIN)/edgert warmup
+	$(BIN)/edgert run -m smollm2-135m -p "$(PROMPT)" -n 64 --temp 0
+
+test: setup models $(FIXTURES)/.done
+	EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/edgert bench -m smollm2-135m,qwen2.5-coder-0.5b -t 2 --baseline llama.cpp
+
+clean:
+	rm -rf $(VENV) *.egg-info

