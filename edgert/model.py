@@ -91,8 +91,7 @@ class Model:
         g.close()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
         self.n_batch = max(1, min(n_batch, self.n_ctx))
-        self.weight_bytes = sum(w.nbytes for w in self._matrices()) + (
-            0 if c.tied_embeddings else 0)
+        self.weight_bytes = sum(w.nbytes for w in self._matrices())
         # KV cache, fp16 bits: [n_layer, n_ctx, n_head_kv, head_dim]
         kv_shape = (c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim)
         self.k_cache = np.zeros(kv_shape, np.uint16)

@@ -28,3 +28,16 @@ def default_threads() -> int:
         return psutil.cpu_count(logical=False) or os.cpu_count() or 1
     except Exception:
         return os.cpu_count() or 1
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux: VmHWM; else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -128,7 +128,7 @@ def test_greedy_generation_matches(llama_cpp):
         path = real_model(name)
         model = Model(path, n_ctx=512)
         tok = Tokenizer(model.gguf.metadata, path)
-        kw = dict(n_ctx=512, n_batch=512, n_threads=2, verbose=False)
+        kw = dict(n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False)
         ref_ll = llama_cpp.Llama(path, **kw)
         alt_ll = llama_cpp.Llama(path, flash_attn=True, **kw)
         for prompt in PROMPTS:
