@@ -90,11 +90,13 @@ class GGUFFile:
         return q
 
     def load_vector(self, name: str, n: int) -> np.ndarray:
-        q = self.load(name)
-        if q.qtype != 0 or q.cols * q.rows != n:
+        t = self.tensor(name)
+        if t.qtype != 0 or t.cols * t.rows != n or t.nbytes != 4 * n:
             raise EdgertError(f"{self.path}: tensor '{name}' must be F32 of {n} values, "
-                              f"is {_type_name(q.qtype)} {list(self.tensors[name].shape)}")
-        return q.d.reshape(n).copy()
+                              f"is {_type_name(t.qtype)} {list(t.shape)}")
+        v = self.raw(name).view(np.float32).copy()
+        self.release(name)
+        return v
 
     def tensor(self, name: str) -> TensorInfo:
         if name not in self.tensors:

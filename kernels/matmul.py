@@ -5,17 +5,17 @@ The activation rows are first quantised to the format llama.cpp uses for that we
 vec_dot_type), so each block's inner sum is a sum of integer products, exact in float32 and equal
 to llama.cpp's; only the scale arithmetic differs in rounding order.
 
-Loop order: each thread owns a contiguous run of output rows [r0, r1). For a tile of up to TT
-tokens and for each block, it accumulates per-row partial sums over the block's quants with the
-innermost loop running over the rows (contiguous in the transposed layout: vectorised, no
-reductions), then folds the block's scales in. Weights are read once per token tile.
+Loop order: each thread owns a contiguous run of row tiles (quant.TILE rows each). For a tile
+of up to TT tokens and for each block, it accumulates per-row partial sums over the block's
+quants with the innermost loop running over the tile's rows (contiguous: vectorised, no
+reductions), then folds the block's scales in. A tile's weights stay in L1 for all tokens.
 """
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
 
-from edgert.kernels.quant import DOT, QMatrix, quantize_act_row
+from edgert.kernels.quant import DOT, TILE, QMatrix, quantize_act_row
 
 TT = 4  # tokens per tile: weights of a block are reused TT times from L1
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -39,152 +39,120 @@ def _hi(v):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FM)
-def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, r0, r1, t0, tt, s, acc):
-    """out[t0:t0+tt, r0:r1] for one row range and token tile. s: [4, TT, n], acc: [TT, n] scratch."""
+def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc):
+    """out[t0:t0+tt, rows of tile ti] for one row tile and token tile.
+    s: [4, TT, TILE] partial sums, acc: [TT, TILE] results (scratch). Inner loops index the
+    arrays directly (a slice per iteration costs more than the 64-row loop it feeds)."""
     C = xq.shape[1]
-    n = r1 - r0
     acc[:, :] = 0.0
-    if qtype == 0 or qtype == 1:  # F32 / F16: d is W.T [C, R]
+    f128 = np.float32(128.0)
+    f32_ = np.float32(32.0)
+    if qtype == 0 or qtype == 1:  # F32 / F16: d holds the weights [C, TILE]
         for c in range(C):
-            w = d[c, r0:r1]
             for k in range(tt):
                 xv = xq[t0 + k, c]
-                a = acc[k]
-                for r in range(n):
-                    a[r] += w[r] * xv
+                for r in range(TILE):
+                    acc[k, r] += d[ti, c, r] * xv
     elif qtype == 2 or qtype == 3 or qtype == 6:  # Q4_0, Q4_1, Q5_0: blocks of 32
         off = np.float32(8.0) if qtype == 2 else (np.float32(0.0) if qtype == 3 else np.float32(16.0))
         for b in range(C // 32):
             s[0, :tt, :] = 0.0
             for j in range(16):
-                row = qs[16 * b + j, r0:r1]
-                hl = qh[4 * b + j // 8, r0:r1] if qtype == 6 else row
-                hh = qh[4 * b + 2 + j // 8, r0:r1] if qtype == 6 else row
+                i = 16 * b + j
+                hl = 4 * b + j // 8
                 sh = np.uint8(j % 8)
                 for k in range(tt):
                     xl = xq[t0 + k, 32 * b + j]
                     xh = xq[t0 + k, 32 * b + 16 + j]
-                    sk = s[0, k]
                     if qtype == 6:
-                        for r in range(n):
-                            v = row[r]
-                            ql = _lo(v) + np.float32(np.uint8((hl[r] >> sh) & np.uint8(1)) * np.uint8(16))
-                            qq = _hi(v) + np.float32(np.uint8((hh[r] >> sh) & np.uint8(1)) * np.uint8(16))
-                            sk[r] += (ql - off) * xl + (qq - off) * xh
+                        for r in range(TILE):
+                            v = qs[ti, i, r]
+                            ql = _lo(v) + np.float32(np.uint8((qh[ti, hl, r] >> sh) & np.uint8(1)) * np.uint8(16))
+                            qq = _hi(v) + np.float32(np.uint8((qh[ti, hl + 2, r] >> sh) & np.uint8(1)) * np.uint8(16))
+                            s[0, k, r] += (ql - off) * xl + (qq - off) * xh
                     else:
-                        for r in range(n):
-                            v = row[r]
-                            sk[r] += (_lo(v) - off) * xl + (_hi(v) - off) * xh
-            db = d[b, r0:r1]
+                        for r in range(TILE):
+                            v = qs[ti, i, r]
+                            s[0, k, r] += (_lo(v) - off) * xl + (_hi(v) - off) * xh
             for k in range(tt):
                 sx = xd[t0 + k, b]
-                a = acc[k]
-                sk = s[0, k]
                 if qtype == 3:
-                    mb = m[b, r0:r1]
                     mx = xs[t0 + k, b]
-                    for r in range(n):
-                        a[r] += sk[r] * (db[r] * sx) + mb[r] * mx
+                    for r in range(TILE):
+                        acc[k, r] += s[0, k, r] * (d[ti, b, r] * sx) + m[ti, b, r] * mx
                 else:
-                    for r in range(n):
-                        a[r] += sk[r] * (db[r] * sx)
+                    for r in range(TILE):
+                        acc[k, r] += s[0, k, r] * (d[ti, b, r] * sx)
     elif qtype == 8:  # Q8_0
         for b in range(C // 32):
             s[0, :tt, :] = 0.0
             for j in range(32):
-                row = qs[32 * b + j, r0:r1]
                 for k in range(tt):
                     xv = xq[t0 + k, 32 * b + j]
-                    sk = s[0, k]
-                    for r in range(n):
-                        sk[r] += (np.float32(row[r]) - np.float32(128.0)) * xv
-            db = d[b, r0:r1]
+                    for r in range(TILE):
+                        s[0, k, r] += (np.float32(qs[ti, 32 * b + j, r]) - f128) * xv
             for k in range(tt):
                 sx = xd[t0 + k, b]
-                a = acc[k]
-                sk = s[0, k]
-                for r in range(n):
-                    a[r] += sk[r] * (db[r] * sx)
+                for r in range(TILE):
+                    acc[k, r] += s[0, k, r] * (d[ti, b, r] * sx)
     elif qtype == 12:  # Q4_K: super-blocks of 256, 8 sub-blocks of 32 (scale and min each)
         for b in range(C // 256):
-            db = d[b, r0:r1]
-            dm = m[b, r0:r1]
             for c4 in range(4):
                 s[0, :tt, :] = 0.0
                 s[1, :tt, :] = 0.0
                 for l in range(32):
-                    row = qs[128 * b + 32 * c4 + l, r0:r1]
+                    i = 128 * b + 32 * c4 + l
                     for k in range(tt):
                         xl = xq[t0 + k, 256 * b + 64 * c4 + l]
                         xh = xq[t0 + k, 256 * b + 64 * c4 + 32 + l]
-                        s0 = s[0, k]
-                        s1 = s[1, k]
-                        for r in range(n):
-                            v = row[r]
-                            s0[r] += _lo(v) * xl
-                            s1[r] += _hi(v) * xh
-                sc0 = sc[16 * b + 2 * c4, r0:r1]
-                sc1 = sc[16 * b + 2 * c4 + 1, r0:r1]
-                mn0 = sc[16 * b + 8 + 2 * c4, r0:r1]
-                mn1 = sc[16 * b + 8 + 2 * c4 + 1, r0:r1]
+                        for r in range(TILE):
+                            v = qs[ti, i, r]
+                            s[0, k, r] += _lo(v) * xl
+                            s[1, k, r] += _hi(v) * xh
+                j0 = 16 * b + 2 * c4
                 for k in range(tt):
                     sx = xd[t0 + k, b]
                     bs0 = xs[t0 + k, 8 * b + 2 * c4]
                     bs1 = xs[t0 + k, 8 * b + 2 * c4 + 1]
-                    a = acc[k]
-                    s0 = s[0, k]
-                    s1 = s[1, k]
-                    for r in range(n):
-                        a[r] += (db[r] * sx) * (s0[r] * np.float32(sc0[r]) + s1[r] * np.float32(sc1[r])) \
-                            - dm[r] * (np.float32(mn0[r]) * bs0 + np.float32(mn1[r]) * bs1)
+                    for r in range(TILE):
+                        acc[k, r] += (d[ti, b, r] * sx) * (s[0, k, r] * np.float32(sc[ti, j0, r])
+                                                           + s[1, k, r] * np.float32(sc[ti, j0 + 1, r])) \
+                            - m[ti, b, r] * (np.float32(sc[ti, j0 + 8, r]) * bs0 + np.float32(sc[ti, j0 + 9, r]) * bs1)
     elif qtype == 14:  # Q6_K: super-blocks of 256, 16 sub-blocks of 16, int8 scales
         for b in range(C // 256):
-            db = d[b, r0:r1]
             for h in range(2):
                 for lh in range(2):
-                    for i in range(4):
-                        s[i, :tt, :] = 0.0
+                    s[:, :tt, :] = 0.0
                     for l in range(16 * lh, 16 * lh + 16):
-                        ra = qs[128 * b + 64 * h + l, r0:r1]
-                        rb = qs[128 * b + 64 * h + 32 + l, r0:r1]
-                        rh = qh[64 * b + 32 * h + l, r0:r1]
+                        ia = 128 * b + 64 * h + l
+                        ih = 64 * b + 32 * h + l
                         e = 256 * b + 128 * h + l
                         for k in range(tt):
                             x1 = xq[t0 + k, e]
                             x2 = xq[t0 + k, e + 32]
                             x3 = xq[t0 + k, e + 64]
                             x4 = xq[t0 + k, e + 96]
-                            s0 = s[0, k]
-                            s1 = s[1, k]
-                            s2 = s[2, k]
-                            s3 = s[3, k]
-                            for r in range(n):
-                                a_ = ra[r]
-                                b_ = rb[r]
-                                hb = rh[r]
-                                s0[r] += (np.float32(np.uint8((a_ & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) - np.float32(32.0)) * x1
-                                s1[r] += (np.float32(np.uint8((b_ & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) - np.float32(32.0)) * x2
-                                s2[r] += (np.float32(np.uint8((a_ >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) - np.float32(32.0)) * x3
-                                s3[r] += (np.float32(np.uint8((b_ >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) - np.float32(32.0)) * x4
+                            for r in range(TILE):
+                                a_ = qs[ti, ia, r]
+                                b_ = qs[ti, ia + 32, r]
+                                hb = qh[ti, ih, r]
+                                s[0, k, r] += (np.float32(np.uint8((a_ & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) - f32_) * x1
+                                s[1, k, r] += (np.float32(np.uint8((b_ & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) - f32_) * x2
+                                s[2, k, r] += (np.float32(np.uint8((a_ >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) - f32_) * x3
+                                s[3, k, r] += (np.float32(np.uint8((b_ >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) - f32_) * x4
                     sb = 16 * b + 8 * h + lh
-                    c0 = sc[sb, r0:r1]
-                    c1 = sc[sb + 2, r0:r1]
-                    c2 = sc[sb + 4, r0:r1]
-                    c3 = sc[sb + 6, r0:r1]
                     for k in range(tt):
                         sx = xd[t0 + k, b]
-                        a = acc[k]
-                        s0 = s[0, k]
-                        s1 = s[1, k]
-                        s2 = s[2, k]
-                        s3 = s[3, k]
-                        for r in range(n):
-                            a[r] += (db[r] * sx) * (s0[r] * (np.float32(c0[r]) - np.float32(128.0))
-                                                    + s1[r] * (np.float32(c1[r]) - np.float32(128.0))
-                                                    + s2[r] * (np.float32(c2[r]) - np.float32(128.0))
-                                                    + s3[r] * (np.float32(c3[r]) - np.float32(128.0)))
+                        for r in range(TILE):
+                            acc[k, r] += (d[ti, b, r] * sx) * (s[0, k, r] * (np.float32(sc[ti, sb, r]) - f128)
+                                                               + s[1, k, r] * (np.float32(sc[ti, sb + 2, r]) - f128)
+                                                               + s[2, k, r] * (np.float32(sc[ti, sb + 4, r]) - f128)
+                                                               + s[3, k, r] * (np.float32(sc[ti, sb + 6, r]) - f128))
+    r0 = ti * TILE
+    nv = min(TILE, out.shape[1] - r0)
     for k in range(tt):
-        out[t0 + k, r0:r1] = acc[k, :n]
+        for r in range(nv):
+            out[t0 + k, r0 + r] = acc[k, r]
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
@@ -192,19 +160,17 @@ def matmul_q(qtype, qs, qh, sc, d, m, xq, xd, xs, out, nthreads):
     """out[T, R] = X @ W.T for a QMatrix W and activations quantised for its type.
 
     xq: [T, C] integer-valued float32, xd: [T, C / A] block scales, xs: [T, C / S] d * sum(q).
+    Each thread takes a contiguous run of row tiles; a tile's weights stay in L1 for all tokens.
     """
     T = xq.shape[0]
-    R = out.shape[1]
-    chunk = (R + nthreads - 1) // nthreads
+    nt = d.shape[0]
+    chunk = (nt + nthreads - 1) // nthreads
     for c in nb.prange(nthreads):
-        r0 = c * chunk
-        r1 = min(R, r0 + chunk)
-        if r1 <= r0:
-            continue
-        s = np.empty((4, TT, r1 - r0), np.float32)   # per-block partial sums
-        acc = np.empty((TT, r1 - r0), np.float32)    # per-row results of a token tile
-        for t0 in range(0, T, TT):
-            _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, r0, r1, t0, min(TT, T - t0), s, acc)
+        s = np.empty((4, TT, TILE), np.float32)   # per-block partial sums
+        acc = np.empty((TT, TILE), np.float32)    # per-row results of a token tile
+        for ti in range(c * chunk, min(nt, (c + 1) * chunk)):
+            for t0 in range(0, T, TT):
+                _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc)
 
 
 class ActBuffers:

@@ -1,18 +1,20 @@
 """GGUF quantisation blocks: lossless repacking, row dequantisation, and the activation
 quantisation that llama.cpp applies before its integer dot products.
 
-Repacked layout: the GGUF blocks of a matrix W [R rows, C columns] are split into separate arrays
-and *transposed*, so that the row index is the fastest-moving one:
+Repacked layout: the rows of a matrix W [R rows, C columns] are grouped in tiles of TILE rows
+(the last tile zero-padded); inside a tile the GGUF block fields are split into separate arrays
+and *transposed*, so that the row index moves fastest and each tile is one contiguous piece:
 
-    qs : uint8   [row_bytes_q, R]  packed quants (nibbles / bytes / low bits), byte i of every row
-    qh : uint8   [row_bytes_h, R]  high bits (Q5_0: 4 bytes per block, Q6_K: 64 per super-block)
-    sc : uint8   [n_sub, R]        sub-block scales (Q6_K: int8 ^ 0x80; Q4_K: 8 scales, 8 mins)
-    d  : float32 [n_blocks, R]     block scales (F32/F16: the weights themselves, [C, R])
-    m  : float32 [n_blocks, R]     block minimums (Q4_1 m, Q4_K dmin), else [0, R]
+    qs : uint8   [n_tiles, row_bytes_q, TILE]  packed quants (nibbles / bytes / low bits)
+    qh : uint8   [n_tiles, row_bytes_h, TILE]  high bits (Q5_0: 4 bytes a block, Q6_K: 64 a super-block)
+    sc : uint8   [n_tiles, n_sub, TILE]        sub-block scales (Q6_K: int8 ^ 0x80; Q4_K: 8 scales, 8 mins)
+    d  : float32 [n_tiles, n_blocks, TILE]     block scales (F32/F16: the weights, [n_tiles, C, TILE])
+    m  : float32 [n_tiles, n_blocks, TILE]     block minimums (Q4_1 m, Q4_K dmin), else empty
 
-Why transposed: a kernel then runs its innermost loop over a contiguous run of rows, a long loop
-that LLVM vectorises without reductions; loops over the 16-32 elements of one block do not
-vectorise in Numba (measured: 7x slower). Q8_0 quants are stored as q ^ 0x80 (= q + 128).
+Why: a kernel runs its innermost loop over the TILE rows of a tile, a loop that LLVM vectorises
+without reductions (loops over the 16-32 elements of one block do not vectorise in Numba: measured
+7x slower), and a thread streams whole tiles, contiguous in memory (a row-transposed layout
+without tiles streamed from DRAM at half the rate). Q8_0 quants are stored as q ^ 0x80 (= q + 128).
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ class QMatrix:
         return self.qs, self.qh, self.sc, self.d, self.m
 
 
+TILE = 64  # rows per tile
+
+
 def row_bytes(qtype: int, cols: int) -> int:
     epb, bpb = BLOCK[qtype]
     return cols // epb * bpb
@@ -67,14 +72,23 @@ def row_bytes(qtype: int, cols: int) -> int:
 # Repacking (NumPy, once at load)
 # ============================================================================================
 
+def _tiles(a: np.ndarray) -> np.ndarray:
+    """Per-row fields [R, k] -> [n_tiles, k, TILE] (rows zero-padded to a multiple of TILE)."""
+    R, k = a.shape
+    nt = (R + TILE - 1) // TILE
+    pad = np.zeros((nt * TILE, k), a.dtype)
+    pad[:R] = a
+    return np.ascontiguousarray(pad.reshape(nt, TILE, k).transpose(0, 2, 1))
+
+
 def _f16(b: np.ndarray) -> np.ndarray:
-    """Little-endian fp16 bytes [R, nb, 2] -> float32 [nb, R] (exact)."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32).T.copy()
+    """Little-endian fp16 bytes [R, nb, 2] -> float32 [n_tiles, nb, TILE] (exact)."""
+    return _tiles(np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32))
 
 
 def _t(b: np.ndarray, rows: int) -> np.ndarray:
-    """Byte fields [R, nb, k] -> [nb * k, R] (transposed, contiguous)."""
-    return np.ascontiguousarray(b.reshape(rows, -1).T)
+    """Byte fields [R, nb, k] -> [n_tiles, nb * k, TILE]."""
+    return _tiles(np.ascontiguousarray(b).reshape(rows, -1))
 
 
 def _k4_scales(sc12: np.ndarray) -> np.ndarray:
@@ -99,14 +113,15 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int) -> QMatrix:
     raw = np.asarray(raw, dtype=np.uint8)
     if raw.size != rows * nb_ * bpb:
         raise ValueError(f"expected {rows * nb_ * bpb} bytes, got {raw.size}")
-    e8 = np.zeros((0, rows), np.uint8)
-    ef = np.zeros((0, rows), np.float32)
+    nt = (rows + TILE - 1) // TILE
+    e8 = np.zeros((nt, 0, TILE), np.uint8)
+    ef = np.zeros((nt, 0, TILE), np.float32)
     if qtype == F32:
         w = raw.view(np.float32).reshape(rows, cols)
-        return QMatrix(qtype, rows, cols, e8, e8, e8, np.ascontiguousarray(w.T), ef)
+        return QMatrix(qtype, rows, cols, e8, e8, e8, _tiles(w), ef)
     if qtype == F16:
         w = raw.view(np.float16).reshape(rows, cols).astype(np.float32)
-        return QMatrix(qtype, rows, cols, e8, e8, e8, np.ascontiguousarray(w.T), ef)
+        return QMatrix(qtype, rows, cols, e8, e8, e8, _tiles(w), ef)
     b = raw.reshape(rows, nb_, bpb)
     if qtype == Q4_0:
         return QMatrix(qtype, rows, cols, _t(b[:, :, 2:18], rows), e8, e8, _f16(b[:, :, 0:2]), ef)
@@ -135,58 +150,60 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int) -> QMatrix:
 def dequantize_row(qtype, qs, qh, sc, d, m, r, out):
     """Row r of a QMatrix -> float32 out[C], bit-exact with gguf.quants.dequantize."""
     C = out.shape[0]
+    ti = r // TILE
+    tr = r % TILE
     if qtype == 0 or qtype == 1:  # F32 / F16
         for j in range(C):
-            out[j] = d[j, r]
+            out[j] = d[ti, j, tr]
     elif qtype == 2 or qtype == 3 or qtype == 6:  # Q4_0, Q4_1, Q5_0
         off = np.float32(8.0) if qtype == 2 else (np.float32(0.0) if qtype == 3 else np.float32(16.0))
         for b in range(C // 32):
-            db = d[b, r]
+            db = d[ti, b, tr]
             for j in range(16):
-                v = qs[16 * b + j, r]
+                v = qs[ti, 16 * b + j, tr]
                 lo = np.float32(v & 15)
                 hi = np.float32(v >> 4)
                 if qtype == 6:
-                    lo += np.float32(16 * ((qh[4 * b + j // 8, r] >> (j % 8)) & 1))
-                    hi += np.float32(16 * ((qh[4 * b + 2 + j // 8, r] >> (j % 8)) & 1))
+                    lo += np.float32(16 * ((qh[ti, 4 * b + j // 8, tr] >> (j % 8)) & 1))
+                    hi += np.float32(16 * ((qh[ti, 4 * b + 2 + j // 8, tr] >> (j % 8)) & 1))
                 if qtype == 3:
-                    out[32 * b + j] = db * lo + m[b, r]
-                    out[32 * b + 16 + j] = db * hi + m[b, r]
+                    out[32 * b + j] = db * lo + m[ti, b, tr]
+                    out[32 * b + 16 + j] = db * hi + m[ti, b, tr]
                 else:
                     out[32 * b + j] = db * (lo - off)
                     out[32 * b + 16 + j] = db * (hi - off)
     elif qtype == 8:  # Q8_0
         for b in range(C // 32):
             for j in range(32):
-                out[32 * b + j] = d[b, r] * (np.float32(qs[32 * b + j, r]) - np.float32(128.0))
+                out[32 * b + j] = d[ti, b, tr] * (np.float32(qs[ti, 32 * b + j, tr]) - np.float32(128.0))
     elif qtype == 12:  # Q4_K: d * sc * q - dmin * m, 8 sub-blocks of 32
         for b in range(C // 256):
             for c4 in range(4):
-                s_lo = d[b, r] * np.float32(sc[16 * b + 2 * c4, r])
-                s_hi = d[b, r] * np.float32(sc[16 * b + 2 * c4 + 1, r])
-                m_lo = m[b, r] * np.float32(sc[16 * b + 8 + 2 * c4, r])
-                m_hi = m[b, r] * np.float32(sc[16 * b + 8 + 2 * c4 + 1, r])
+                s_lo = d[ti, b, tr] * np.float32(sc[ti, 16 * b + 2 * c4, tr])
+                s_hi = d[ti, b, tr] * np.float32(sc[ti, 16 * b + 2 * c4 + 1, tr])
+                m_lo = m[ti, b, tr] * np.float32(sc[ti, 16 * b + 8 + 2 * c4, tr])
+                m_hi = m[ti, b, tr] * np.float32(sc[ti, 16 * b + 8 + 2 * c4 + 1, tr])
                 for l in range(32):
-                    v = qs[128 * b + 32 * c4 + l, r]
+                    v = qs[ti, 128 * b + 32 * c4 + l, tr]
                     out[256 * b + 64 * c4 + l] = s_lo * np.float32(v & 15) - m_lo
                     out[256 * b + 64 * c4 + 32 + l] = s_hi * np.float32(v >> 4) - m_hi
     elif qtype == 14:  # Q6_K: d * sc * (q - 32), 16 sub-blocks of 16
         for b in range(C // 256):
             for h in range(2):
                 for l in range(32):
-                    a = qs[128 * b + 64 * h + l, r]
-                    a2 = qs[128 * b + 64 * h + 32 + l, r]
-                    hb = qh[64 * b + 32 * h + l, r]
+                    a = qs[ti, 128 * b + 64 * h + l, tr]
+                    a2 = qs[ti, 128 * b + 64 * h + 32 + l, tr]
+                    hb = qh[ti, 64 * b + 32 * h + l, tr]
                     q1 = np.float32((a & 15) | ((hb & 3) << 4)) - np.float32(32.0)
                     q2 = np.float32((a2 & 15) | (((hb >> 2) & 3) << 4)) - np.float32(32.0)
                     q3 = np.float32((a >> 4) | (((hb >> 4) & 3) << 4)) - np.float32(32.0)
                     q4 = np.float32((a2 >> 4) | (((hb >> 6) & 3) << 4)) - np.float32(32.0)
                     e = 256 * b + 128 * h + l
                     s0 = 16 * b + 8 * h + l // 16
-                    out[e] = d[b, r] * (np.float32(sc[s0, r]) - np.float32(128.0)) * q1
-                    out[e + 32] = d[b, r] * (np.float32(sc[s0 + 2, r]) - np.float32(128.0)) * q2
-                    out[e + 64] = d[b, r] * (np.float32(sc[s0 + 4, r]) - np.float32(128.0)) * q3
-                    out[e + 96] = d[b, r] * (np.float32(sc[s0 + 6, r]) - np.float32(128.0)) * q4
+                    out[e] = d[ti, b, tr] * (np.float32(sc[ti, s0, tr]) - np.float32(128.0)) * q1
+                    out[e + 32] = d[ti, b, tr] * (np.float32(sc[ti, s0 + 2, tr]) - np.float32(128.0)) * q2
+                    out[e + 64] = d[ti, b, tr] * (np.float32(sc[ti, s0 + 4, tr]) - np.float32(128.0)) * q3
+                    out[e + 96] = d[ti, b, tr] * (np.float32(sc[ti, s0 + 6, tr]) - np.float32(128.0)) * q4
 
 
 def dequantize(w: QMatrix) -> np.ndarray:
