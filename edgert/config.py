@@ -14,7 +14,6 @@ from edgert.errors import EdgertError
 ARCHS = {
     "llama": dict(rope_neox=False, ffn_act="silu"),
     "qwen2": dict(rope_neox=True, ffn_act="silu"),
-    "qwen3": dict(rope_neox=True, ffn_act="silu", qk_norm=True),
     # gemma3: GeGLU, q/k norms, post-attention and post-FFN norms, embeddings * sqrt(n_embd),
     # 5 sliding-window layers then 1 global layer, local rope base 10000 (not in the file).
     "gemma3": dict(rope_neox=True, ffn_act="gelu", qk_norm=True, post_norms=True,
