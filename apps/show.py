@@ -5,8 +5,6 @@ import argparse
 import collections
 import os
 
-import numpy as np
-
 
 def main(argv) -> int:
     p = argparse.ArgumentParser(prog="edgert show", description=__doc__)
@@ -14,14 +12,14 @@ def main(argv) -> int:
     args = p.parse_args(argv)
     from edgert.apps.common import model_path
     from edgert.config import config_from_gguf
-    from edgert.gguf_file import GGUFFile, _type_name
+    from edgert.gguf_file import GGUFFile, type_name
     path = model_path(args.model)
     g = GGUFFile(path)
     c = config_from_gguf(g)
-    types = collections.Counter(_type_name(t.qtype) for t in g.tensors.values())
+    types = collections.Counter(type_name(t.qtype) for t in g.tensors.values())
     rows = [
         ("file", path), ("name", c.name), ("architecture", c.arch),
-        ("parameters", f"{sum(int(np.prod(t.shape)) for t in g.tensors.values()) / 1e6:.1f}M"),
+        ("parameters", f"{g.n_params / 1e6:.1f}M"),
         ("size", f"{os.path.getsize(path) / 1e6:.1f} MB"),
         ("quant types", ", ".join(f"{k} x{v}" for k, v in types.most_common())),
         ("context (trained)", c.n_ctx_train), ("layers", c.n_layer), ("embedding", c.n_embd),

@@ -204,11 +204,10 @@ def run_bench(models, tests, threads_list, reps, backends, n_ctx=0, warmup=True,
 
 def model_info(path) -> dict:
     from edgert.config import config_from_gguf
-    from edgert.gguf_file import GGUFFile
-    import numpy as np
+    from edgert.gguf_file import GGUFFile, type_name
     g = GGUFFile(path)
     c = config_from_gguf(g)
-    n_params = sum(int(np.prod(t.shape)) for t in g.tensors.values())
+    n_params = g.n_params
     # bytes of weights read per generated token: every matrix but the embedding table (one row),
     # plus the embedding again when it doubles as the output matrix
     per_token = sum(t.nbytes for n, t in g.tensors.items() if n != "token_embd.weight")
@@ -216,10 +215,9 @@ def model_info(path) -> dict:
         per_token += g.tensors["token_embd.weight"].nbytes
     ftype = max(({t.qtype for t in g.tensors.values()}), key=lambda q: sum(
         t.nbytes for t in g.tensors.values() if t.qtype == q))
-    from edgert.gguf_file import _type_name
     label = g.get("general.size_label") or f"{n_params / 1e6:.0f}M"
     g.close()
-    return {"model_filename": str(path), "model_type": f"{c.arch} {label} {_type_name(ftype)}",
+    return {"model_filename": str(path), "model_type": f"{c.arch} {label} {type_name(ftype)}",
             "model_size": os.path.getsize(path), "model_n_params": n_params,
             "bytes_per_token": per_token}
 

@@ -59,13 +59,6 @@ class ModelConfig:
     def rope_scale_for(self, il: int) -> float:
         return 1.0 if self.is_swa(il) else self.rope_freq_scale
 
-    @property
-    def n_params(self) -> int:
-        attn = self.n_embd * self.head_dim * (2 * self.n_head + 2 * self.n_head_kv)
-        ffn = 3 * self.n_embd * self.n_ff
-        emb = self.n_vocab * self.n_embd * (1 if self.tied_embeddings else 2)
-        return self.n_layer * (attn + ffn) + emb
-
 
 def config_from_gguf(g) -> ModelConfig:
     """Build the config of GGUFFile `g`, validating every value it uses."""

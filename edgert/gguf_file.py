@@ -79,7 +79,7 @@ class GGUFFile:
         t = self.tensor(name)
         if t.qtype not in BLOCK:
             raise EdgertError(f"{self.path}: tensor '{name}' has unsupported quant type "
-                              f"{_type_name(t.qtype)} (supported: {', '.join(TYPE_NAMES.values())})")
+                              f"{type_name(t.qtype)} (supported: {', '.join(TYPE_NAMES.values())})")
         if (rows is not None and t.rows != rows) or (cols is not None and t.cols != cols):
             raise EdgertError(f"{self.path}: tensor '{name}' has shape {list(t.shape)}, "
                               f"expected [{cols}, {rows}]")
@@ -93,10 +93,15 @@ class GGUFFile:
         t = self.tensor(name)
         if t.qtype != 0 or t.cols * t.rows != n or t.nbytes != 4 * n:
             raise EdgertError(f"{self.path}: tensor '{name}' must be F32 of {n} values, "
-                              f"is {_type_name(t.qtype)} {list(t.shape)}")
+                              f"is {type_name(t.qtype)} {list(t.shape)}")
         v = self.raw(name).view(np.float32).copy()
         self.release(name)
         return v
+
+    @property
+    def n_params(self) -> int:
+        """Parameters stored in the file (every tensor's element count)."""
+        return sum(int(np.prod(t.shape)) for t in self.tensors.values())
 
     def tensor(self, name: str) -> TensorInfo:
         if name not in self.tensors:
@@ -212,7 +217,7 @@ def _tensor_nbytes(qtype, shape):
     return n // epb * bpb
 
 
-def _type_name(qtype: int) -> str:
+def type_name(qtype: int) -> str:
     try:
         from gguf import GGMLQuantizationType
         return GGMLQuantizationType(qtype).name

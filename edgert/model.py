@@ -110,7 +110,9 @@ class Model:
         self.up = np.empty((B, F), np.float32)     # [B, n_ff]
         self.act_e = ActBuffers(B, E)              # quantised activations of width n_embd
         self.act_q = ActBuffers(B, max(Dq, F))     # ... of width n_head * head_dim or n_ff
-        self.tscale = {il: theta_scale(c.rope_base_for(il), c.n_rot) for il in range(c.n_layer)}
+        # per layer: (rope theta scale, frequency scale), float32 as ggml computes them
+        self.rope_args = [(theta_scale(c.rope_base_for(il), c.n_rot), np.float32(c.rope_scale_for(il)))
+                          for il in range(c.n_layer)]
         self.t_load_ms = (time.perf_counter() - t0) * 1e3
 
     def _matrices(self):
@@ -169,7 +171,7 @@ class Model:
         for t, tok in enumerate(tokens):
             dequantize_row(self.tok_embd.qtype, *self.tok_embd.arrays(), int(tok), x[t])
         if c.embed_scale != 1.0:
-            x *= np.float32(np.sqrt(np.float32(c.n_embd)))
+            x *= np.float32(c.embed_scale)  # float32(sqrt(640)) == sqrtf(640), as ggml
         for il, L in enumerate(self.layers):
             self._attention_block(il, L, x, T, pos0)
             self._ffn_block(L, x, T)
@@ -193,8 +195,9 @@ class Model:
             kf = k.reshape(T * c.n_head_kv, c.head_dim)
             rmsnorm(qf, L.q_norm, c.rms_eps, qf)
             rmsnorm(kf, L.k_norm, c.rms_eps, kf)
-        rope(q3, pos0, c.n_rot, self.tscale[il], np.float32(c.rope_scale_for(il)), c.rope_neox)
-        rope(k3, pos0, c.n_rot, self.tscale[il], np.float32(c.rope_scale_for(il)), c.rope_neox)
+        tscale, fscale = self.rope_args[il]
+        rope(q3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
+        rope(k3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
         if c.q_scale != 1.0:
             q *= np.float32(c.q_scale)
         store_kv(k3, v3, self.k_cache[il], self.v_cache[il], pos0)

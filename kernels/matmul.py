@@ -180,7 +180,6 @@ class ActBuffers:
     view as layout 'A', which compiles a second, slower copy of each kernel)."""
 
     def __init__(self, T: int, K: int):
-        self.T, self.K = T, K
         self.xq = np.empty(T * K, np.float32)                 # [T, K]
         self.xd = np.empty(T * max(K // 32, 1), np.float32)   # [T, K / A]
         self.xs = np.empty(T * max(K // 16, 1), np.float32)   # [T, K / S]

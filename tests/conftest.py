@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from edgert.converters.tiny import tiny_model_path
+from edgert.warmup import ARCH_SHAPES
 
-GEMMA_TINY = dict(n_layer=6, head_dim=128, n_head=4, n_head_kv=1)
 
 
 def require(cond, why):
@@ -19,8 +19,7 @@ def require(cond, why):
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    paths = {"llama": tiny_model_path("llama"), "qwen2": tiny_model_path("qwen2"),
-             "gemma3": tiny_model_path("gemma3", **GEMMA_TINY)}
+    paths = {arch: tiny_model_path(arch, **kw) for arch, kw in ARCH_SHAPES.items()}
     yield paths
     for p in paths.values():
         shutil.rmtree(os.path.dirname(p), ignore_errors=True)
