@@ -38,7 +38,8 @@ def build_parser():
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     from edgert.apps.common import model_path
-    from edgert.bench import Test, build_commit, cpu_info, memory_bandwidth, run_bench
+    from edgert.bench import Test, build_commit, run_bench
+    from edgert.probes import cpu_info, memory_bandwidth
     from edgert.errors import EdgertError
     from edgert.settings import default_threads
     names = [x for m in (args.model or [None]) for x in (m.split(",") if m else [None])]

@@ -14,6 +14,9 @@ COMMANDS = {
     "show": ("edgert.apps.show", "show a model's architecture, size and quant types"),
     "bench": ("edgert.apps.bench", "llama-bench-style speed table, llama.cpp side by side"),
     "warmup": ("edgert.apps.warmup", "compile every kernel for this machine (Numba cache)"),
+    "devices": ("edgert.apps.devices", "list device profiles, or show one with its sources"),
+    "simulate": ("edgert.apps.simulate", "run on the host as a device: measured and modelled time"),
+    "profile": ("edgert.apps.profile", "per-layer / per-op time, bytes, I/O; Chrome trace"),
 }
 
 

@@ -49,6 +49,15 @@ def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator, sc
     return b.reshape(rows, nb * bpb)
 
 
+def random_matrix(rows: int, cols: int, seed: int = 0) -> dict:
+    """{qtype: QMatrix} of random valid weights [rows, cols] in every supported type (cols a
+    multiple of 256, rows of 64), repacked as the engine loads them."""
+    from edgert.kernels.quant import TYPE_NAMES, repack
+    rng = np.random.default_rng(seed)
+    return {q: repack(q, random_blocks(q, rows, cols, rng).view(np.uint8).reshape(rows, -1), rows, cols)
+            for q in TYPE_NAMES}
+
+
 def write_tiny_gguf(path: str, arch: str = "llama", n_layer: int = 2, n_embd: int = 256, n_ff: int = 512,
                     n_head: int = 4, n_head_kv: int = 2, head_dim: int = 64, n_vocab: int = 320,
                     types: dict | None = None, seed: int = 0, sliding_window: int = 8,

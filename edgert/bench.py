@@ -8,11 +8,9 @@ back a fixed token, as llama-bench does.
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -109,7 +107,6 @@ RUNNERS = {"edgert": EdgertRunner, "llama.cpp": LlamaCppRunner}
 
 def _time_test(r, test: Test, rng) -> int:
     """One repetition: depth (untimed), then the timed prompt and/or generation."""
-    import numpy as np
     r.reset()
     lo = min(100, r.n_vocab - 1)
     if test.n_depth:
@@ -220,49 +217,6 @@ def model_info(path) -> dict:
     return {"model_filename": str(path), "model_type": f"{c.arch} {label} {type_name(ftype)}",
             "model_size": os.path.getsize(path), "model_n_params": n_params,
             "bytes_per_token": per_token}
-
-
-def cpu_info() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def memory_bandwidth(threads: int, refresh: bool = False) -> float:
-    """Measured read bandwidth in bytes/s with `threads` threads (cached per machine)."""
-    from edgert.settings import env
-    cache = Path(env("EDGERT_CACHE")).expanduser() / "probes.json"
-    key = f"{platform.node()}|{cpu_info()}|membw|{threads}"
-    data = {}
-    if cache.exists():
-        try:
-            data = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            data = {}
-    if key in data and not refresh:
-        return data[key]
-    import numba
-    import numpy as np
-
-    from edgert.kernels.probe import read_sum
-    numba.set_num_threads(threads)
-    a = np.ones(64 * 1024 * 1024, np.float64)  # 512 MiB, far beyond the caches
-    read_sum(a, threads)
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        read_sum(a, threads)
-        best = max(best, a.nbytes / (time.perf_counter() - t0))
-    data[key] = best
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, cache)
-    return best
 
 
 def build_commit() -> str:
