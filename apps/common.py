@@ -15,6 +15,12 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
                         "[env EDGERT_MODEL; default: the registry's default model]")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="CPU threads [env EDGERT_THREADS; default: physical cores]")
+    p.add_argument("--device", default=env("EDGERT_DEVICE") or None,
+                   help="device profile (see `edgert devices`): its app share of RAM is the memory "
+                        "budget and its big + mid cores the thread count [env EDGERT_DEVICE]")
+    p.add_argument("--mem-budget", default=env("EDGERT_MEM_BUDGET") or None, metavar="SIZE",
+                   help="memory budget for weights, KV cache and buffers, e.g. 700MB, 1.5GB "
+                        "(overrides the device's) [env EDGERT_MEM_BUDGET; default: available memory]")
     if ctx:
         p.add_argument("-c", "--ctx-size", type=int, default=int(env("EDGERT_N_CTX") or 0),
                        help="context size in tokens (0 = min(4096, the model's)) [env EDGERT_N_CTX]")
@@ -37,14 +43,27 @@ def model_path(name: str | None) -> str:
     return resolve(name or default_model())
 
 
+def device_threads(args) -> int | None:
+    """-t, else the device profile's big + mid cores (capped at this machine's), else None."""
+    if args.threads or not getattr(args, "device", None):
+        return args.threads
+    from edgert.device_profiles.loader import load_profile
+    from edgert.settings import default_threads
+    return min(load_profile(args.device).threads, default_threads())
+
+
 def load(args):
-    """-> (Model, Tokenizer) for the parsed args."""
+    """-> (Model, Tokenizer) for the parsed args, under the memory budget of the args."""
+    from edgert.budget import budget_from_args, measured
     from edgert.model import Model
     from edgert.tokenizer import Tokenizer
-    setup_threads(args.threads)
+    setup_threads(device_threads(args))
     path = model_path(args.model)
-    model = Model(path, n_ctx=getattr(args, "ctx_size", 0), n_batch=getattr(args, "batch_size", 512))
-    tok = Tokenizer(model.gguf.metadata, path)
+    budget = budget_from_args(getattr(args, "mem_budget", None), getattr(args, "device", None))
+    model = Model(path, n_ctx=getattr(args, "ctx_size", 0), n_batch=getattr(args, "batch_size", 512),
+                  budget=budget)
+    tok, nbytes = measured(lambda: Tokenizer(model.gguf.metadata, path))
+    budget.charge("tokenizer", nbytes, "tokenizer")
     return model, tok
 
 

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
     return p
 
 
@@ -54,7 +55,7 @@ def main(argv) -> int:
 
     n = args.n_predict if args.n_predict >= 0 else model.n_ctx
     params = SamplingParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    tm = generate(model, ids, n, params, is_eog=tok.is_eog, on_token=on_token)
+    tm = generate(model, ids, n, params, is_eog=None if args.ignore_eos else tok.is_eog, on_token=on_token)
     sys.stdout.write("\n")
     sys.stdout.flush()
     err("")
@@ -62,6 +63,10 @@ def main(argv) -> int:
         err(line)
     from edgert.settings import peak_rss
     err(f"{'first token':>16} = {tm.t_load_ms + tm.t_prompt_ms + (tm.t_sample_ms / max(tm.n_sample, 1)):10.2f} ms after start of load")
+    from edgert.budget import FIXED_OVERHEAD
     err(f"{'peak RSS':>16} = {peak_rss() / 2**20:10.1f} MiB (weights {model.weight_bytes / 2**20:.1f} MiB, "
         f"KV cache {model.kv_bytes / 2**20:.1f} MiB)")
+    b = model.budget
+    err(f"{'memory budget':>16} = {b.summary()}; peak RSS - fixed overhead "
+        f"{FIXED_OVERHEAD / 2**20:.0f} MiB = {(peak_rss() - FIXED_OVERHEAD) / 2**20:.1f} MiB")
     return 0

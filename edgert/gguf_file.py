@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgert.errors import EdgertError
-from edgert.kernels.quant import BLOCK, TYPE_NAMES, QMatrix, repack, row_bytes
+from edgert.kernels.quant import BLOCK, TYPE_NAMES, QMatrix, repack_chunked, row_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,12 @@ class GGUFFile:
     def release(self, name: str):
         """Drop the tensor's mapped pages from this process (they were copied by `load`)."""
         t = self.tensors[name]
-        start = t.offset - t.offset % mmap.PAGESIZE
+        self._release_range(t.offset, t.nbytes)
+
+    def _release_range(self, offset: int, nbytes: int):
+        start = offset - offset % mmap.PAGESIZE
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+            self._mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
         except (AttributeError, OSError, ValueError):
             pass
 
@@ -85,9 +88,8 @@ class GGUFFile:
                               f"expected [{cols}, {rows}]")
         if t.nbytes != t.rows * row_bytes(t.qtype, t.cols):
             raise EdgertError(f"{self.path}: tensor '{name}' size {t.nbytes} does not match its shape")
-        q = repack(t.qtype, self.raw(name), t.rows, t.cols)
-        self.release(name)
-        return q
+        return repack_chunked(t.qtype, self.raw(name), t.rows, t.cols,
+                              release=lambda lo, hi: self._release_range(t.offset + lo, hi - lo))
 
     def load_vector(self, name: str, n: int) -> np.ndarray:
         t = self.tensor(name)

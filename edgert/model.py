@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgert.budget import MemoryBudget, kv_bytes, measured, plan_model, scratch_bytes
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
 from edgert.gguf_file import GGUFFile
@@ -81,17 +82,29 @@ def load_weights(g: GGUFFile, c: ModelConfig):
 class Model:
     """A loaded model with its KV cache. Positions are absolute; `n_past` tokens are cached."""
 
-    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512):
+    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, budget: MemoryBudget | None = None):
         t0 = time.perf_counter()
         self.path = str(path)
-        g = GGUFFile(self.path)
+        g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
         self.gguf = g
         self.cfg = c = config_from_gguf(g)
-        self.tok_embd, self.output_norm, self.output, self.layers = load_weights(g, c)
-        g.close()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
         self.n_batch = max(1, min(n_batch, self.n_ctx))
+        self.budget = budget
+        self.plan = {"metadata": meta_bytes, **plan_model(g, c, self.n_ctx, self.n_batch)}
+        if budget is not None:  # refuse before loading anything
+            budget.require(self.plan, self.path)
+            budget.charge("metadata", meta_bytes, "metadata")
+            budget.charge("load staging", self.plan["load staging"], "load staging")
+        self.tok_embd, self.output_norm, self.output, self.layers = load_weights(g, c)
+        g.close()
         self.weight_bytes = sum(w.nbytes for w in self._matrices())
+        vec_bytes = sum(t.nbytes for t in g.tensors.values() if len(t.shape) == 1)
+        self._charge("weights", self.weight_bytes + vec_bytes)
+        self._charge("kv cache", kv_bytes(c, self.n_ctx))
+        self._charge("scratch", scratch_bytes(c, self.n_batch))
+        if budget is not None:
+            budget.release("load staging")
         # KV cache, fp16 bits: [n_layer, n_ctx, n_head_kv, head_dim]
         kv_shape = (c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim)
         self.k_cache = np.zeros(kv_shape, np.uint16)
@@ -114,6 +127,10 @@ class Model:
         self.rope_args = [(theta_scale(c.rope_base_for(il), c.n_rot), np.float32(c.rope_scale_for(il)))
                           for il in range(c.n_layer)]
         self.t_load_ms = (time.perf_counter() - t0) * 1e3
+
+    def _charge(self, name, nbytes):
+        if self.budget is not None:
+            self.budget.charge(name, nbytes, name)
 
     def _matrices(self):
         yield self.tok_embd
@@ -144,6 +161,8 @@ class Model:
                               f"(raise -c / n_ctx)")
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
             raise EdgertError(f"token id out of range [0, {self.cfg.n_vocab})")
+        if all_logits:
+            self._charge("logits", T * self.cfg.n_vocab * 4)
         outs = []
         for s in range(0, T, self.n_batch):
             chunk = tokens[s:s + self.n_batch]

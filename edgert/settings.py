@@ -9,6 +9,8 @@ KNOBS = {
     "EDGERT_MODEL": ("", "default for -m/--model"),
     "EDGERT_THREADS": ("", "default for -t/--threads (else the number of physical cores)"),
     "EDGERT_N_CTX": ("", "default for -c/--ctx-size"),
+    "EDGERT_DEVICE": ("", "default for --device (a device profile name or .toml path)"),
+    "EDGERT_MEM_BUDGET": ("", "default for --mem-budget (e.g. 700MB, 1.5GB)"),
     "EDGERT_LOG": ("WARNING", "log level of the library (DEBUG, INFO, WARNING)"),
     "NUMBA_CACHE_DIR": ("", "where Numba keeps compiled kernels (default: beside the sources)"),
 }

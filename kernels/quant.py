@@ -63,6 +63,16 @@ class QMatrix:
 TILE = 64  # rows per tile
 
 
+# bytes per block after repacking (fp16 scales and F16 weights become float32, K-quant scales unpack)
+REPACKED_BPB = {F32: 4, F16: 4, Q4_0: 20, Q4_1: 24, Q5_0: 24, Q8_0: 36, Q4_K: 152, Q6_K: 212}
+
+
+def repacked_nbytes(qtype: int, rows: int, cols: int) -> int:
+    """Resident bytes of a repacked [rows, cols] matrix (rows padded to whole tiles)."""
+    epb, _ = BLOCK[qtype]
+    return -(-rows // TILE) * TILE * (cols // epb) * REPACKED_BPB[qtype]
+
+
 def row_bytes(qtype: int, cols: int) -> int:
     epb, bpb = BLOCK[qtype]
     return cols // epb * bpb
@@ -140,6 +150,37 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int) -> QMatrix:
     # Q6_K: ql[128] qh[64] scales[16] (int8) d
     return QMatrix(qtype, rows, cols, _t(b[:, :, 0:128], rows), _t(b[:, :, 128:192], rows),
                    _t(b[:, :, 192:208] ^ np.uint8(0x80), rows), _f16(b[:, :, 208:210]), ef)
+
+
+def repack_chunked(qtype: int, raw: np.ndarray, rows: int, cols: int, chunk_rows: int = 2048,
+                   release=None) -> QMatrix:
+    """repack() a few thousand rows at a time into the final arrays, so that loading a large
+    matrix (an embedding table) needs only a small transient buffer; release(lo, hi) is called
+    with each chunk's byte range once it is copied (to drop its mapped pages)."""
+    rb = row_bytes(qtype, cols)
+    if rows <= chunk_rows:
+        q = repack(qtype, raw, rows, cols)
+        if release:
+            release(0, rows * rb)
+        return q
+    assert chunk_rows % TILE == 0
+    nt = -(-rows // TILE)
+    out = None
+    for r0 in range(0, rows, chunk_rows):
+        r1 = min(rows, r0 + chunk_rows)
+        q = repack(qtype, raw[r0 * rb:r1 * rb], r1 - r0, cols)
+        if out is None:
+            out = [np.empty((nt,) + a.shape[1:], a.dtype) for a in q.arrays()]
+        for o, a in zip(out, q.arrays()):
+            o[r0 // TILE:r0 // TILE + a.shape[0]] = a
+        if release:
+            release(r0 * rb, r1 * rb)
+    return QMatrix(qtype, rows, cols, *out)
+
+
+def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = 2048) -> int:
+    """Upper bound of repack_chunked's transient memory: about three copies of one chunk."""
+    return 3 * chunk_rows * max(row_bytes(qtype, cols), repacked_nbytes(qtype, TILE, cols) // TILE)
 
 
 # ============================================================================================

@@ -1,0 +1,154 @@
+"""The memory budget: one accountant to which every resident buffer is charged.
+
+The budget comes from `--mem-budget SIZE` or from a device profile's app share. Before loading,
+`plan_model` computes what a model will hold resident (weights as repacked, KV cache, scratch
+activations, the transient repack buffer, the tokenizer) from the GGUF metadata alone; a plan
+that does not fit is refused with the numbers. While loading, the model charges what it really
+allocates, so the accountant's total is the runtime's own memory.
+
+What the budget does not cover is the fixed cost of the process itself: the interpreter, NumPy,
+Numba and its compiled kernels. FIXED_OVERHEAD is that cost as measured on the host (peak RSS
+of a run of a tiny random-weight model: 151 MiB, see docs/devices.md); peak RSS of a run is
+checked against budget + FIXED_OVERHEAD.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+from edgert.errors import EdgertError
+
+log = logging.getLogger(__name__)
+
+FIXED_OVERHEAD = 160 * 2**20
+# building the tokenizer, per vocabulary entry, for the plan before loading: the peak RSS growth
+# while it is built, measured on the host (SmolLM2 49k entries: 31 MiB; Qwen2.5 152k: 93 MiB;
+# Gemma3 262k: 328 MiB, of which 139 MiB stay). The real growth is measured and charged at load.
+TOKENIZER_BYTES_PER_TOKEN = 1300
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'700MB' -> 700e6, '1.5GB' -> 1.5e9, '512MiB' -> 512 * 2**20, '1024' -> 1024 bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m and m.group(2).lower()
+    if not m or unit not in _UNITS:
+        raise EdgertError(f"--mem-budget '{text}': not a size (e.g. 700MB, 1.5GB, 512MiB)")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise EdgertError(f"--mem-budget '{text}': must be more than 0")
+    return n
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class MemoryBudget:
+    """Charges by name and category; refuses a charge that would exceed the limit."""
+
+    def __init__(self, limit: int, source: str):
+        self.limit = int(limit)
+        self.source = source          # where the limit came from, for messages
+        self.charges: dict[str, tuple[str, int]] = {}  # name -> (category, bytes)
+        self.peak = 0
+
+    @property
+    def used(self) -> int:
+        return sum(n for _, n in self.charges.values())
+
+    def by_category(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for cat, n in self.charges.values():
+            out[cat] = out.get(cat, 0) + n
+        return out
+
+    def charge(self, name: str, nbytes: int, category: str):
+        old = self.charges.get(name, (category, 0))[1]
+        if self.used - old + nbytes > self.limit:
+            raise EdgertError(f"memory budget exceeded: '{name}' needs {mib(nbytes)} with "
+                              f"{mib(self.used - old)} already charged, budget {mib(self.limit)} ({self.source})")
+        self.charges[name] = (category, int(nbytes))
+        self.peak = max(self.peak, self.used)
+
+    def release(self, name: str):
+        self.charges.pop(name, None)
+
+    def require(self, plan: dict[str, int], what: str):
+        """Refuse, before anything is loaded, a plan {category: bytes} that cannot fit."""
+        need = sum(plan.values())
+        if need > self.limit:
+            parts = ", ".join(f"{k} {mib(v)}" for k, v in plan.items() if v)
+            raise EdgertError(f"{what}: needs {mib(need)} resident ({parts}) but the memory budget is "
+                              f"{mib(self.limit)} ({self.source}); lower -c / --ctx-size or use a "
+                              f"smaller model")
+        log.info("%s: plan %s of budget %s", what, mib(need), mib(self.limit))
+
+    def summary(self) -> str:
+        cats = ", ".join(f"{k} {mib(v)}" for k, v in self.by_category().items())
+        return f"{mib(self.used)} of {mib(self.limit)} ({self.source}): {cats}"
+
+
+def rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def measured(fn):
+    """-> (fn(), bytes): the process's peak RSS growth while fn ran (Linux: the high-water mark is
+    reset first through /proc/self/clear_refs), else the growth of its RSS."""
+    from edgert.settings import peak_rss
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    r0 = rss()
+    out = fn()
+    grown = (peak_rss() if reset else rss()) - r0
+    return out, max(0, grown)
+
+
+def budget_from_args(mem_budget: str | None, device: str | None) -> MemoryBudget:
+    """--mem-budget wins; else the device profile's app share; else what the OS has available."""
+    if mem_budget:
+        return MemoryBudget(parse_size(mem_budget), f"--mem-budget {mem_budget}")
+    if device:
+        from edgert.device_profiles.loader import load_profile
+        prof = load_profile(device)
+        return MemoryBudget(prof.app_budget, f"{prof.name}: {prof.app_share:.0%} of {mib(prof.ram_bytes)}")
+    import psutil
+    return MemoryBudget(psutil.virtual_memory().available, "available memory")
+
+
+def plan_model(g, c, n_ctx: int, n_batch: int) -> dict[str, int]:
+    """Bytes the Model will hold for GGUF `g` with config `c`: {category: bytes}."""
+    from edgert.kernels.quant import repack_staging_bytes, repacked_nbytes
+    weights = vectors = staging = 0
+    for n, t in g.tensors.items():
+        if len(t.shape) == 1:
+            vectors += t.nbytes
+            continue
+        weights += repacked_nbytes(t.qtype, t.rows, t.cols)
+        staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
+    return {"weights": weights + vectors, "kv cache": kv_bytes(c, n_ctx),
+            "scratch": scratch_bytes(c, n_batch), "load staging": staging,
+            "tokenizer": c.n_vocab * TOKENIZER_BYTES_PER_TOKEN}
+
+
+def kv_bytes(c, n_ctx: int) -> int:
+    return 2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * 2  # K and V, fp16
+
+
+def scratch_bytes(c, B: int) -> int:
+    """Activation buffers of Model for batches of B tokens (see Model.__init__) + one row of
+    logits (all-token logits, for perplexity, are charged while they exist)."""
+    E, F = c.n_embd, c.n_ff
+    Dq, Dkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    acts = B * (3 * E + 2 * Dq + 2 * Dkv + 2 * F) * 4
+    K = max(Dq, F)
+    act_q = B * (K + K // 32 + K // 16) * 4 + B * (E + E // 32 + E // 16) * 4
+    return acts + act_q + c.n_vocab * 4

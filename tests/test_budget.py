@@ -1,0 +1,78 @@
+"""The memory budget: sizes, refusal before loading, the plan equal to what the model allocates,
+and peak RSS of a long decode within budget + the fixed overhead."""
+import re
+
+import numpy as np
+import pytest
+
+from conftest import real_model
+from edgert.budget import FIXED_OVERHEAD, MemoryBudget, parse_size
+from edgert.errors import EdgertError
+from edgert.model import Model
+from test_cli import one_line_error, run_cli
+
+
+@pytest.mark.parametrize("text,n", [("700MB", 700 * 10**6), ("1.5GB", 1_500_000_000), ("512MiB", 512 * 2**20),
+                                    ("2g", 2 * 10**9), ("1024", 1024), (" 64 KiB ", 65536)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "abc", "7xx", "-5MB", "0GB", "1.2.3MB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(EdgertError, match="not a size|more than 0"):
+        parse_size(text)
+
+
+def test_budget_charges_and_refuses():
+    b = MemoryBudget(1000, "test")
+    b.charge("a", 600, "weights")
+    b.charge("a", 700, "weights")  # re-charging a name replaces its charge
+    with pytest.raises(EdgertError, match="'b' needs"):
+        b.charge("b", 400, "kv cache")
+    b.release("a")
+    b.charge("b", 400, "kv cache")
+    assert b.used == 400 and b.peak == 700
+    with pytest.raises(EdgertError, match=r"x.gguf: needs .* resident \(weights .*\) but the memory budget"):
+        b.require({"weights": 2000}, "x.gguf")
+
+
+def test_plan_equals_allocations(tiny_models):
+    for arch, path in tiny_models.items():
+        b = MemoryBudget(2**40, "test")
+        m = Model(path, n_ctx=64, n_batch=16, budget=b)
+        got = b.by_category()
+        assert got["weights"] == m.plan["weights"], arch
+        assert got["kv cache"] == m.plan["kv cache"] == m.k_cache.nbytes + m.v_cache.nbytes
+        bufs = [m.x, m.xn, m.q, m.k, m.v, m.att, m.o, m.gate, m.up]
+        acts = [a for ab in (m.act_e, m.act_q) for a in (ab.xq, ab.xd, ab.xs)]
+        logits_row = m.cfg.n_vocab * 4
+        assert got["scratch"] == sum(a.nbytes for a in bufs + acts) + logits_row, arch
+        assert "load staging" not in got  # released after loading
+        m.forward(np.arange(10), all_logits=True)
+        assert b.by_category()["logits"] == 10 * m.cfg.n_vocab * 4
+
+
+def test_refused_before_loading(tiny_models):
+    r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "-n", "1", "--mem-budget", "100KB")
+    one_line_error(r, "t.gguf" if "t.gguf" in tiny_models["llama"] else ".gguf", "needs", "memory budget is",
+                   "--mem-budget 100KB")
+    r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "--mem-budget", "lots")
+    one_line_error(r, "--mem-budget 'lots': not a size")
+    r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "--device", "nokia-3310")
+    one_line_error(r, "unknown device 'nokia-3310'")
+
+
+@pytest.mark.models
+def test_peak_rss_of_1000_tokens_within_budget():
+    """SmolLM2 decodes 1,000 tokens under a budget just above its plan; peak RSS (VmHWM) stays
+    within the budget + the documented fixed overhead."""
+    path = real_model("smollm2-135m")
+    budget = "240MiB"  # plan at -c 1100: about 215 MiB (weights 106, KV 39, scratch 17, tokenizer...)
+    r = run_cli("run", "-m", path, "-p", "Write a long story about a robot.", "-n", "1000", "--ignore-eos",
+                "--temp", "0", "-c", "1100", "-t", "2", "--mem-budget", budget, "--no-display-prompt")
+    assert r.returncode == 0, r.stderr
+    n_eval = int(re.search(r"eval time = .* / +(\d+) runs", r.stderr).group(1))
+    assert n_eval >= 999
+    peak = float(re.search(r"peak RSS = +([\d.]+) MiB", r.stderr).group(1)) * 2**20
+    assert peak <= parse_size(budget) + FIXED_OVERHEAD, r.stderr[-600:]
