@@ -61,7 +61,8 @@ def load(args):
     path = model_path(args.model)
     budget = budget_from_args(getattr(args, "mem_budget", None), getattr(args, "device", None))
     model = Model(path, n_ctx=getattr(args, "ctx_size", 0), n_batch=getattr(args, "batch_size", 512),
-                  budget=budget)
+                  budget=budget, direct_io=getattr(args, "direct_io", False),
+                  throttle=getattr(args, "throttle", None), tracer=getattr(args, "tracer", None))
     tok, nbytes = measured(lambda: Tokenizer(model.gguf.metadata, path))
     budget.charge("tokenizer", nbytes, "tokenizer")
     return model, tok

@@ -132,6 +132,7 @@ def plan_model(g, c, n_ctx: int, n_batch: int) -> dict[str, int]:
         if len(t.shape) == 1:
             vectors += t.nbytes
             continue
+        g.check_type(n)
         weights += repacked_nbytes(t.qtype, t.rows, t.cols)
         staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
     return {"weights": weights + vectors, "kv cache": kv_bytes(c, n_ctx),

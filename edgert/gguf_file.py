@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgert.errors import EdgertError
-from edgert.kernels.quant import BLOCK, TYPE_NAMES, QMatrix, repack_chunked, row_bytes
+from edgert.kernels.quant import (BLOCK, CHUNK_ROWS, TYPE_NAMES, QMatrix, mmap_chunks, repack_chunked,
+                                  row_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ class TensorInfo:
 class GGUFFile:
     """Metadata and tensor index of one GGUF file; tensor data is read through an mmap on demand."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, reader=None):
         self.path = str(path)
+        self.reader = reader  # a FlashReader: matrices are read through it (else from the mmap)
         self.size = _check_header(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
         self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
@@ -79,17 +81,43 @@ class GGUFFile:
 
     def load(self, name: str, rows: int | None = None, cols: int | None = None) -> QMatrix:
         """Read and repack tensor `name`, checking its type and (optionally) its shape."""
-        t = self.tensor(name)
-        if t.qtype not in BLOCK:
-            raise EdgertError(f"{self.path}: tensor '{name}' has unsupported quant type "
-                              f"{type_name(t.qtype)} (supported: {', '.join(TYPE_NAMES.values())})")
+        t = self.check_type(name)
         if (rows is not None and t.rows != rows) or (cols is not None and t.cols != cols):
             raise EdgertError(f"{self.path}: tensor '{name}' has shape {list(t.shape)}, "
                               f"expected [{cols}, {rows}]")
         if t.nbytes != t.rows * row_bytes(t.qtype, t.cols):
             raise EdgertError(f"{self.path}: tensor '{name}' size {t.nbytes} does not match its shape")
-        return repack_chunked(t.qtype, self.raw(name), t.rows, t.cols,
-                              release=lambda lo, hi: self._release_range(t.offset + lo, hi - lo))
+        if self.reader is not None:
+            chunks = self._read_chunks(t)
+        else:
+            chunks = mmap_chunks(self.raw(name), t.qtype, t.rows, t.cols,
+                                 release=lambda lo, hi: self._release_range(t.offset + lo, hi - lo))
+        return repack_chunked(t.qtype, t.rows, t.cols, chunks)
+
+    def _read_chunks(self, t: TensorInfo):
+        """Chunks (r0, r1, bytes) of tensor t read through the FlashReader, double-buffered: the
+        next chunk's read is in flight while the caller repacks this one."""
+        from edgert.flash import aligned_empty
+        rb = row_bytes(t.qtype, t.cols)
+        ranges = [(r0, min(t.rows, r0 + CHUNK_ROWS)) for r0 in range(0, t.rows, CHUNK_ROWS)]
+        bufs = [aligned_empty(min(t.rows, CHUNK_ROWS) * rb) for _ in range(min(2, len(ranges)))]
+
+        def submit(i):
+            r0, r1 = ranges[i]
+            return self.reader.submit(t.offset + r0 * rb, bufs[i % 2][:(r1 - r0) * rb])
+        fut = submit(0)
+        for i, (r0, r1) in enumerate(ranges):
+            fut.result()
+            if i + 1 < len(ranges):
+                fut = submit(i + 1)
+            yield r0, r1, bufs[i % 2][:(r1 - r0) * rb]
+
+    def check_type(self, name: str) -> TensorInfo:
+        t = self.tensor(name)
+        if t.qtype not in BLOCK:
+            raise EdgertError(f"{self.path}: tensor '{name}' has unsupported quant type "
+                              f"{type_name(t.qtype)} (supported: {', '.join(TYPE_NAMES.values())})")
+        return t
 
     def load_vector(self, name: str, n: int) -> np.ndarray:
         t = self.tensor(name)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
 from edgert.budget import MemoryBudget, kv_bytes, measured, plan_model, scratch_bytes
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
+from edgert.flash import FlashReader
 from edgert.gguf_file import GGUFFile
 from edgert.kernels.activation import geglu, swiglu
 from edgert.kernels.attention import attention, store_kv
@@ -43,6 +45,22 @@ class Layer:
     w_up: QMatrix                # [n_ff, n_embd]
     w_down: QMatrix              # [n_embd, n_ff]
     post_ffn_norm: np.ndarray | None
+
+
+def embed_rows(w: QMatrix, tokens, x):
+    """x[t] = row tokens[t] of the embedding table w, dequantised."""
+    for t, tok in enumerate(tokens):
+        dequantize_row(w.qtype, *w.arrays(), int(tok), x[t])
+
+
+def make_ops(c: ModelConfig) -> SimpleNamespace:
+    """The kernel behind every step of the forward pass, by step name. The model calls its kernels
+    only through this table, so a tracer can swap in timed wrappers (and nothing when off)."""
+    return SimpleNamespace(
+        embed=embed_rows, attn_norm=rmsnorm, qkv=matmuls, qk_norm=rmsnorm, rope=rope,
+        store_kv=store_kv, attention=attention, attn_out=matmul, post_attn_norm=rmsnorm,
+        ffn_norm=rmsnorm, gate_up=matmuls, act=geglu if c.ffn_act == "gelu" else swiglu,
+        ffn_down=matmul, post_ffn_norm=rmsnorm, out_norm=rmsnorm, output=matmul)
 
 
 def load_weights(g: GGUFFile, c: ModelConfig):
@@ -82,10 +100,15 @@ def load_weights(g: GGUFFile, c: ModelConfig):
 class Model:
     """A loaded model with its KV cache. Positions are absolute; `n_past` tokens are cached."""
 
-    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, budget: MemoryBudget | None = None):
+    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, budget: MemoryBudget | None = None,
+                 direct_io: bool = False, throttle=None, tracer=None):
+        """Load `path` (GGUF). Matrices are read through a FlashReader (O_DIRECT with direct_io,
+        else buffered; `throttle` a FlashCurve imposing a device's flash); `tracer` records the
+        load's reads and, attached, every op."""
         t0 = time.perf_counter()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
+        g.reader = FlashReader(self.path, direct=direct_io, io_threads=2, throttle=throttle, tracer=tracer)
         self.gguf = g
         self.cfg = c = config_from_gguf(g)
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
@@ -96,8 +119,15 @@ class Model:
             budget.require(self.plan, self.path)
             budget.charge("metadata", meta_bytes, "metadata")
             budget.charge("load staging", self.plan["load staging"], "load staging")
-        self.tok_embd, self.output_norm, self.output, self.layers = load_weights(g, c)
-        g.close()
+        t_read = time.perf_counter()
+        try:
+            self.tok_embd, self.output_norm, self.output, self.layers = load_weights(g, c)
+        finally:
+            g.reader.close()
+            g.close()
+        self.load_io = {"mode": g.reader.mode, "wall_s": time.perf_counter() - t_read, **g.reader.stats.as_dict()}
+        if tracer is not None:
+            tracer.span("load weights", "load", t_read, time.perf_counter(), g.reader.stats.bytes)
         self.weight_bytes = sum(w.nbytes for w in self._matrices())
         vec_bytes = sum(t.nbytes for t in g.tensors.values() if len(t.shape) == 1)
         self._charge("weights", self.weight_bytes + vec_bytes)
@@ -126,7 +156,28 @@ class Model:
         # per layer: (rope theta scale, frequency scale), float32 as ggml computes them
         self.rope_args = [(theta_scale(c.rope_base_for(il), c.n_rot), np.float32(c.rope_scale_for(il)))
                           for il in range(c.n_layer)]
+        self.ops = make_ops(c)
+        self.tracer = None
+        if tracer is not None:
+            self.attach_tracer(tracer)
         self.t_load_ms = (time.perf_counter() - t0) * 1e3
+
+    def attach_tracer(self, tracer):
+        """Time every op and layer block into `tracer` (edgert.trace.Tracer); None detaches."""
+        from edgert import trace
+        self.ops = make_ops(self.cfg)
+        for k in ("_attention_block", "_ffn_block"):
+            self.__dict__.pop(k, None)
+        self.tracer = tracer
+        if tracer is None:
+            return
+        special = {"qkv": trace.bytes_matmuls, "gate_up": trace.bytes_matmuls, "attn_out": trace.bytes_matmul,
+                   "ffn_down": trace.bytes_matmul, "output": trace.bytes_matmul,
+                   "attention": trace.bytes_attention}
+        self.ops = SimpleNamespace(**{k: tracer.wrap(f, k, "op", special.get(k, trace.bytes_first_two))
+                                      for k, f in vars(self.ops).items()})
+        self._attention_block = tracer.wrap_block(self._attention_block, "attention")
+        self._ffn_block = tracer.wrap_block(self._ffn_block, "ffn")
 
     def _charge(self, name, nbytes):
         if self.budget is not None:
@@ -187,21 +238,20 @@ class Model:
         T = len(tokens)
         pos0 = self.n_past
         x = self.x[:T]
-        for t, tok in enumerate(tokens):
-            dequantize_row(self.tok_embd.qtype, *self.tok_embd.arrays(), int(tok), x[t])
+        self.ops.embed(self.tok_embd, tokens, x)
         if c.embed_scale != 1.0:
             x *= np.float32(c.embed_scale)  # float32(sqrt(640)) == sqrtf(640), as ggml
         for il, L in enumerate(self.layers):
             self._attention_block(il, L, x, T, pos0)
-            self._ffn_block(L, x, T)
+            self._ffn_block(il, L, x, T)
         self.n_past += T
         return x
 
     def _attention_block(self, il, L: Layer, x, T, pos0):
-        c = self.cfg
+        c, ops = self.cfg, self.ops
         xn, q, k, v, att, o = self.xn[:T], self.q[:T], self.k[:T], self.v[:T], self.att[:T], self.o[:T]
-        rmsnorm(x, L.attn_norm, c.rms_eps, xn)
-        matmuls(xn, [(L.wq, q), (L.wk, k), (L.wv, v)], self.act_e)
+        ops.attn_norm(x, L.attn_norm, c.rms_eps, xn)
+        ops.qkv(xn, [(L.wq, q), (L.wk, k), (L.wv, v)], self.act_e)
         if L.bq is not None:
             q += L.bq
             k += L.bk
@@ -212,38 +262,38 @@ class Model:
         if c.qk_norm:
             qf = q.reshape(T * c.n_head, c.head_dim)
             kf = k.reshape(T * c.n_head_kv, c.head_dim)
-            rmsnorm(qf, L.q_norm, c.rms_eps, qf)
-            rmsnorm(kf, L.k_norm, c.rms_eps, kf)
+            ops.qk_norm(qf, L.q_norm, c.rms_eps, qf)
+            ops.qk_norm(kf, L.k_norm, c.rms_eps, kf)
         tscale, fscale = self.rope_args[il]
-        rope(q3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
-        rope(k3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
+        ops.rope(q3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
+        ops.rope(k3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
         if c.q_scale != 1.0:
             q *= np.float32(c.q_scale)
-        store_kv(k3, v3, self.k_cache[il], self.v_cache[il], pos0)
+        ops.store_kv(k3, v3, self.k_cache[il], self.v_cache[il], pos0)
         window = c.swa_window if c.is_swa(il) else 0
-        attention(q3, self.k_cache[il], self.v_cache[il], pos0, window, np.float32(c.kq_scale),
-                  F16_TABLE, att)
-        matmul(L.wo, att, o, self.act_q)
+        ops.attention(q3, self.k_cache[il], self.v_cache[il], pos0, window, np.float32(c.kq_scale),
+                      F16_TABLE, att)
+        ops.attn_out(L.wo, att, o, self.act_q)
         if L.post_attn_norm is not None:
-            rmsnorm(o, L.post_attn_norm, c.rms_eps, o)
+            ops.post_attn_norm(o, L.post_attn_norm, c.rms_eps, o)
         x += o
 
-    def _ffn_block(self, L: Layer, x, T):
-        c = self.cfg
+    def _ffn_block(self, il, L: Layer, x, T):
+        c, ops = self.cfg, self.ops
         xn, gate, up, o = self.xn[:T], self.gate[:T], self.up[:T], self.o[:T]
-        rmsnorm(x, L.ffn_norm, c.rms_eps, xn)
-        matmuls(xn, [(L.w_gate, gate), (L.w_up, up)], self.act_e)
-        (geglu if c.ffn_act == "gelu" else swiglu)(gate, up, gate)
-        matmul(L.w_down, gate, o, self.act_q)
+        ops.ffn_norm(x, L.ffn_norm, c.rms_eps, xn)
+        ops.gate_up(xn, [(L.w_gate, gate), (L.w_up, up)], self.act_e)
+        ops.act(gate, up, gate)
+        ops.ffn_down(L.w_down, gate, o, self.act_q)
         if L.post_ffn_norm is not None:
-            rmsnorm(o, L.post_ffn_norm, c.rms_eps, o)
+            ops.post_ffn_norm(o, L.post_ffn_norm, c.rms_eps, o)
         x += o
 
     def _logits(self, x) -> np.ndarray:
         c = self.cfg
         T = x.shape[0]
         xn = self.xn[:T]
-        rmsnorm(x, self.output_norm, c.rms_eps, xn)
+        self.ops.out_norm(x, self.output_norm, c.rms_eps, xn)
         out = np.empty((T, c.n_vocab), np.float32)  # [T, n_vocab]
-        matmul(self.output, xn, out, self.act_e)
+        self.ops.output(self.output, xn, out, self.act_e)
         return out

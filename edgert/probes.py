@@ -127,33 +127,150 @@ def storage_curve(directory: str, refresh: bool = False) -> dict:
 # Kernels (in-cache throughput and call overhead, for the cost model)
 # ============================================================================================
 
-def kernel_rates(threads: int, refresh: bool = False) -> dict:
-    """{qtype name: weights/s of a GEMV whose matrix sits in the cache, 'call_s': seconds of one
-    parallel kernel call on a tiny matrix (launch + Python), 'small_op_s': one small op}."""
+def op_costs(threads: int, refresh: bool = False, stream_types=()) -> dict:
+    """Calibration of the cost model on this machine, with `threads` threads: for each kernel,
+    (a, b) of time = a + b * work, fitted through two sizes whose data sit in the cache (matmul
+    work: weights; attention: heads x positions x head_dim; small ops: vector elements); and
+    'python_per_op', the interpreter's time per op call, from a tiny random model's decode step
+    less its modelled kernel time."""
     def measure():
         import numba
-
-        from edgert.converters.tiny import random_matrix
-        from edgert.gguf_file import type_name
-        from edgert.kernels.matmul import ActBuffers, matmul
-        from edgert.kernels.norm import rmsnorm
         numba.set_num_threads(threads)
-        out = {}
-        rows, cols = 512, 1024  # 0.1-2 MiB: in L2/L3, so compute-bound, not memory-bound
-        x = np.random.default_rng(0).standard_normal((1, cols)).astype(np.float32)
-        y = np.empty((1, rows), np.float32)
-        act = ActBuffers(1, cols)
-        for qtype, w in random_matrix(rows, cols).items():
+        cal = _kernel_fits()
+        cal["membw"] = memory_bandwidth(threads)
+        for q in stream_types:
+            cal[f"stream:{q}"] = _stream_rate(q)
+        cal["python_per_op"] = _python_per_op(cal)
+        return cal
+    key = ",".join(sorted(stream_types))
+    return cached(f"opcosts5|{threads}|{key}", measure, refresh)
+
+
+_STREAM = {}  # qtype name -> list of QMatrix slices (built once per process)
+
+
+def _stream_rate(qname: str) -> float:
+    """Seconds per weight of a GEMV whose matrix streams from DRAM (a 64 MiB matrix called in
+    slices of 2048 rows, so nothing is in the cache): the kernel as decode runs it."""
+    from edgert.converters.tiny import random_blocks
+    from edgert.kernels.matmul import ActBuffers, matmul
+    from edgert.kernels.quant import TILE, TYPE_NAMES, QMatrix, repack, repacked_nbytes
+    q = next(k for k, v in TYPE_NAMES.items() if v == qname)
+    cols, rows = 1024, 2048
+    if qname not in _STREAM:
+        n = max(2, (64 << 20) // repacked_nbytes(q, rows, cols))
+        rng = np.random.default_rng(2)
+        big = repack(q, np.ascontiguousarray(random_blocks(q, rows * n, cols, rng)).view(np.uint8).reshape(-1),
+                     rows * n, cols)
+        nt = rows // TILE
+        _STREAM[qname] = [QMatrix(q, rows, cols, *(a[i * nt:(i + 1) * nt] for a in big.arrays()))
+                          for i in range(n)]
+    mats = _STREAM[qname]
+    x = np.random.default_rng(0).standard_normal((1, cols)).astype(np.float32)
+    y = np.empty((1, rows), np.float32)
+    act = ActBuffers(1, cols)
+    for w in mats[:2]:
+        matmul(w, x, y, act)
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for w in mats:
             matmul(w, x, y, act)
-            out[type_name(qtype)] = rows * cols / _best(lambda: matmul(w, x, y, act), 200)
-        small = random_matrix(64, 256)
-        w = next(iter(small.values()))
-        xs, ys, acts = x[:, :256].copy(), np.empty((1, 64), np.float32), ActBuffers(1, 256)
-        out["call_s"] = _best(lambda: matmul(w, xs, ys, acts), 500)
-        g = np.ones(256, np.float32)
-        out["small_op_s"] = _best(lambda: rmsnorm(xs, g, 1e-6, xs), 500)
-        return out
-    return cached(f"kernels2|{threads}", measure, refresh)
+        ts.append((time.perf_counter() - t0) / len(mats))
+    return float(np.median(ts)) / (rows * cols)
+
+
+def _fit(t_small, w_small, t_big, w_big):
+    b = max(0.0, (t_big - t_small) / (w_big - w_small))
+    return [max(0.0, t_small - b * w_small), b]
+
+
+def _kernel_fits() -> dict:
+    from edgert.converters.tiny import random_matrix
+    from edgert.gguf_file import type_name
+    from edgert.kernels.activation import geglu, swiglu
+    from edgert.kernels.attention import attention, store_kv
+    from edgert.kernels.matmul import ActBuffers, matmul
+    from edgert.kernels.norm import rmsnorm
+    from edgert.kernels.quant import F16_TABLE, dequantize_row
+    from edgert.kernels.rope import rope, theta_scale
+    rng = np.random.default_rng(0)
+    cal = {}
+    # matmul: a = a call on a 64 x 256 matrix (its work is negligible), b = the slope between
+    # 512 and 2048 rows of 1024 (0.3-8 MiB: in L2/L3, so the kernel's own rate, not DRAM's)
+    cols = 1024
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    act = ActBuffers(1, cols)
+    tiny, small, big = random_matrix(64, 256), random_matrix(512, cols), random_matrix(2048, cols, seed=1)
+
+    def t_matmul(w):
+        y = np.empty((1, w.rows), np.float32)
+        xx = x[:, :w.cols].copy()
+        return _best(lambda: matmul(w, xx, y, act), 200)
+    for q in small:
+        slope = _fit(t_matmul(small[q]), 512 * cols, t_matmul(big[q]), 2048 * cols)[1]
+        cal[type_name(q)] = [t_matmul(tiny[q]), slope]
+    w8 = big[8] if 8 in big else next(iter(big.values()))
+    row = np.empty(cols, np.float32)
+    t = [_best(lambda: dequantize_row(w8.qtype, *w8.arrays(), 3, row), 300)] * 2
+    cal["embed"] = [t[0], 0.0]
+
+    def fit_vec(fn_of_n, n1, n2, reps=300):
+        return _fit(_best(fn_of_n(n1), reps), n1, _best(fn_of_n(n2), reps), n2)
+
+    def norm_n(n):
+        v, g = rng.standard_normal((1, n)).astype(np.float32), np.ones(n, np.float32)
+        return lambda: rmsnorm(v, g, 1e-6, v)
+    cal["rmsnorm"] = fit_vec(norm_n, 512, 8192)
+    ts = theta_scale(10000.0, 64)
+
+    def rope_n(n):
+        v = rng.standard_normal((1, n // 64, 64)).astype(np.float32)
+        return lambda: rope(v, 17, 64, ts, np.float32(1.0), True)
+    cal["rope"] = fit_vec(rope_n, 256, 4096)
+
+    def kv_n(n):
+        k = rng.standard_normal((1, n // 64, 64)).astype(np.float32)
+        kc = np.zeros((8, n // 64, 64), np.uint16)
+        return lambda: store_kv(k, k, kc, kc, 3)
+    cal["store_kv"] = fit_vec(kv_n, 128, 2048)
+    for name, fn in (("swiglu", swiglu), ("geglu", geglu)):
+        def act_n(n, fn=fn):
+            g, u = rng.standard_normal((1, n)).astype(np.float32), rng.standard_normal((1, n)).astype(np.float32)
+            o = np.empty_like(g)
+            return lambda: fn(g, u, o)
+        cal[name] = fit_vec(act_n, 1024, 8192)
+    H, KV, D = 8, 2, 64
+    kc = rng.integers(0x3000, 0x3800, (1024, KV, D)).astype(np.uint16)
+    q = rng.standard_normal((1, H, D)).astype(np.float32)
+    out = np.empty((1, H * D), np.float32)
+
+    def att_n(work):
+        pos = work // (H * D) - 1
+        return lambda: attention(q, kc, kc, pos, 0, np.float32(0.125), F16_TABLE, out)
+    cal["attention"] = fit_vec(att_n, H * D * 64, H * D * 1024, 200)
+    return cal
+
+
+def _python_per_op(cal: dict) -> float:
+    import shutil
+
+    from edgert.converters.tiny import tiny_model_path
+    from edgert.costmodel import Scale, decode_ops, op_time
+    from edgert.model import Model
+    path = tiny_model_path("llama", n_layer=12)
+    try:
+        m = Model(path, n_ctx=64, n_batch=8)
+        m.forward(np.arange(3, 11))
+        t = []
+        for _ in range(3):
+            m.n_past = 8
+            t.append(_best(lambda: (m.decode_one_token(5), setattr(m, "n_past", 8)), 100))
+        ops = decode_ops(m, 8)
+        kernels = sum(op_time(op, {**cal, "python_per_op": 0.0}, Scale(1.0, 1.0, 1e18))["total"] for op in ops)
+        return max(0.0, (min(t) - kernels) / len(ops))
+    finally:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def _best(fn, n) -> float:
@@ -188,6 +305,8 @@ def host_profile(refresh: bool = False):
     except (OSError, StopIteration):
         pass
     simd = 512 if " avx512f" in flags else 256 if " avx2" in flags else 128
+    if simd == 512 and "AMD" in cpu_info():
+        simd = 256  # Zen 4 executes AVX-512 on 256-bit data paths (two passes)
     threads = default_threads()
     bw = memory_bandwidth(threads, refresh)
     st = storage_curve(env("EDGERT_MODELS"), refresh)
@@ -203,7 +322,7 @@ def host_profile(refresh: bool = False):
         accelerators=(), access="local", address="", temp_dir="/tmp/edgert",
         big_core_mask=hex((1 << cores) - 1),
         sources={"device": measured, "cpu": "psutil.cpu_count / cpu_freq, /proc/cpuinfo flags "
-                 "(FMA pipes: 2 assumed)",
+                 "(FMA pipes: 2 assumed; AMD Zen 4 AVX-512 counted as 256-bit)",
                  "memory": f"psutil total; bandwidth: streaming-read probe with {threads} threads; "
                            "app_share 0.8 (edgert assumption)",
                  "flash": f"random-read probe of a 256 MiB file, {st['mode']}, depths {PROBE_DEPTHS}",

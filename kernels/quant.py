@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numba as nb
 import numpy as np
@@ -52,7 +53,7 @@ class QMatrix:
     d: np.ndarray
     m: np.ndarray
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.qs, self.qh, self.sc, self.d, self.m))
 
@@ -152,35 +153,45 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int) -> QMatrix:
                    _t(b[:, :, 192:208] ^ np.uint8(0x80), rows), _f16(b[:, :, 208:210]), ef)
 
 
-def repack_chunked(qtype: int, raw: np.ndarray, rows: int, cols: int, chunk_rows: int = 2048,
-                   release=None) -> QMatrix:
-    """repack() a few thousand rows at a time into the final arrays, so that loading a large
-    matrix (an embedding table) needs only a small transient buffer; release(lo, hi) is called
-    with each chunk's byte range once it is copied (to drop its mapped pages)."""
+CHUNK_ROWS = 2048  # rows repacked at a time while loading
+
+
+def mmap_chunks(raw: np.ndarray, qtype: int, rows: int, cols: int, chunk_rows: int = CHUNK_ROWS,
+                release=None):
+    """Chunks (r0, r1, bytes) of a tensor held in memory (an mmap view); release(lo, hi) drops
+    a chunk's byte range once the consumer asks for the next one."""
     rb = row_bytes(qtype, cols)
-    if rows <= chunk_rows:
-        q = repack(qtype, raw, rows, cols)
-        if release:
-            release(0, rows * rb)
-        return q
-    assert chunk_rows % TILE == 0
-    nt = -(-rows // TILE)
-    out = None
     for r0 in range(0, rows, chunk_rows):
         r1 = min(rows, r0 + chunk_rows)
-        q = repack(qtype, raw[r0 * rb:r1 * rb], r1 - r0, cols)
+        yield r0, r1, raw[r0 * rb:r1 * rb]
+        if release:
+            release(r0 * rb, r1 * rb)
+
+
+def repack_chunked(qtype: int, rows: int, cols: int, chunks) -> QMatrix:
+    """repack() a tensor a few thousand rows at a time, from an iterator of (r0, r1, bytes)
+    chunks in order (chunk starts a multiple of TILE), into the final arrays: loading a large
+    matrix (an embedding table) needs only a small transient buffer."""
+    nt = -(-rows // TILE)
+    out = None
+    for r0, r1, raw in chunks:
+        assert r0 % TILE == 0
+        q = repack(qtype, raw, r1 - r0, cols)
         if out is None:
+            if r1 == rows:  # one chunk: no copy
+                for _ in chunks:
+                    pass
+                return q
             out = [np.empty((nt,) + a.shape[1:], a.dtype) for a in q.arrays()]
         for o, a in zip(out, q.arrays()):
             o[r0 // TILE:r0 // TILE + a.shape[0]] = a
-        if release:
-            release(r0 * rb, r1 * rb)
     return QMatrix(qtype, rows, cols, *out)
 
 
-def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = 2048) -> int:
-    """Upper bound of repack_chunked's transient memory: about three copies of one chunk."""
-    return 3 * chunk_rows * max(row_bytes(qtype, cols), repacked_nbytes(qtype, TILE, cols) // TILE)
+def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = CHUNK_ROWS) -> int:
+    """Upper bound of the transient memory of loading one matrix: two raw chunk buffers (read
+    ahead) and about three copies of a chunk inside repack."""
+    return 5 * chunk_rows * max(row_bytes(qtype, cols), repacked_nbytes(qtype, TILE, cols) // TILE)
 
 
 # ============================================================================================

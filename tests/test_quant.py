@@ -7,7 +7,7 @@ import pytest
 from edgert.converters.tiny import random_blocks
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls, quantize_for
 from edgert.kernels.quant import (DOT, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES,
-                                  dequantize, repack, repack_chunked, repacked_nbytes, round_f16)
+                                  dequantize, mmap_chunks, repack, repack_chunked, repacked_nbytes, round_f16)
 
 ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K]
 
@@ -32,7 +32,8 @@ def test_chunked_repack_equals_repack_and_planned_size(qtype, rng):
     _, raw = _raw(qtype, rows, cols, rng)
     released = []
     whole = repack(qtype, raw, rows, cols)
-    parts = repack_chunked(qtype, raw, rows, cols, chunk_rows=128, release=lambda lo, hi: released.append((lo, hi)))
+    chunks = mmap_chunks(raw, qtype, rows, cols, chunk_rows=128, release=lambda lo, hi: released.append((lo, hi)))
+    parts = repack_chunked(qtype, rows, cols, chunks)
     for a, b in zip(whole.arrays(), parts.arrays()):
         assert a.shape == b.shape and np.array_equal(a, b)
     assert released[0][0] == 0 and released[-1][1] == raw.size and len(released) == 3

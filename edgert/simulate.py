@@ -1,0 +1,73 @@
+"""Desktop simulation: run the real computation on the host as if on a device.
+
+The model is loaded under the device's memory budget (refused if it cannot fit), its weights read
+with O_DIRECT through a FlashReader throttled to the device's flash curve, and decoded with the
+device's thread count (capped at the host's cores). Two clocks per token: the host's measured
+time, and the cost model's device time (edgert.costmodel) with its breakdown. The same cost model
+evaluated for the host itself gives the check that it predicts what is measured.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from edgert.costmodel import Scale, predict_decode
+
+log = logging.getLogger(__name__)
+
+
+def decode_times(model, ids, n: int, reps: int = 3) -> np.ndarray:
+    """Seconds of each of n decode steps after prefilling ids: [n], the median of `reps` runs at
+    each position (the median, like the calibration probes, so that both see the same machine)."""
+    t = np.empty((reps, n))
+    for r in range(reps):
+        model.reset()
+        model.prefill(ids)
+        for i in range(n):
+            t0 = time.perf_counter()
+            model.decode_one_token(ids[-1])  # fixed feedback token: no sampling, as llama-bench
+            t[r, i] = time.perf_counter() - t0
+    return np.median(t, axis=0)
+
+
+def modelled_load_seconds(model, curve) -> float:
+    """Flash time of reading the model's matrices in the loader's requests (chunks of up to
+    CHUNK_ROWS rows, two in flight) under a flash curve."""
+    from edgert.kernels.quant import CHUNK_ROWS
+    total = 0.0
+    for name, t in model.gguf.tensors.items():
+        if len(t.shape) < 2:
+            continue
+        rb = t.nbytes // t.rows
+        for r0 in range(0, t.rows, CHUNK_ROWS):
+            total += curve.request_seconds((min(t.rows, r0 + CHUNK_ROWS) - r0) * rb, 1)
+    return total
+
+
+def simulate(model, ids, n: int, prof, host, threads: int, reps: int = 3, calibrate=None) -> dict:
+    """-> {'host_measured': [n] s, 'host_model': [n] s, 'device_model': [n] s, 'device': breakdown
+    at the middle position, 'host': breakdown, 'positions': [n], 'calibrations': [dict]}.
+
+    A shared host's speed drifts by tens of percent over minutes, so each repetition first
+    calibrates (calibrate() -> the cost model's figures, edgert.probes.op_costs) and then runs
+    the decode; modelled and measured times are medians over the repetitions, each modelled
+    from its own calibration."""
+    pos = np.arange(len(ids), len(ids) + n)
+    sc_host = Scale.for_device(host, host, threads)
+    sc_dev = Scale.for_device(prof, host, threads)
+    meas, host_m, dev_m, cals = [], [], [], []
+    for _ in range(reps):
+        cal = calibrate()
+        cals.append(cal)
+        meas.append(decode_times(model, ids, n, 1))
+        host_m.append([predict_decode(model, cal, sc_host, int(p))["total"] for p in pos])
+        dev_m.append([predict_decode(model, cal, sc_dev, int(p))["total"] for p in pos])
+    mid = int(pos[len(pos) // 2])
+    cal = {k: (np.median([c[k] for c in cals], axis=0).tolist() if isinstance(v, list) else
+               float(np.median([c[k] for c in cals]))) for k, v in cals[0].items()}
+    return {"positions": pos, "host_measured": np.median(meas, axis=0),
+            "host_model": np.median(host_m, axis=0), "device_model": np.median(dev_m, axis=0),
+            "device": predict_decode(model, cal, sc_dev, mid), "host": predict_decode(model, cal, sc_host, mid),
+            "scale": sc_dev, "calibrations": cals}
