@@ -29,12 +29,14 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
 
 def setup_threads(n: int | None) -> int:
     import numba
+
     from edgert.errors import EdgertError
+    from edgert.kernels.matmul import set_threads
     n = n or default_threads()
     cap = numba.config.NUMBA_NUM_THREADS
     if n < 1 or n > cap:
         raise EdgertError(f"-t {n}: must be between 1 and {cap} (NUMBA_NUM_THREADS)")
-    numba.set_num_threads(n)
+    set_threads(n)
     return n
 
 

@@ -69,8 +69,8 @@ class Result:
 
 class EdgertRunner:
     def __init__(self, path, threads, n_ctx):
-        import numba
-        numba.set_num_threads(threads)
+        from edgert.kernels.matmul import set_threads
+        set_threads(threads)
         from edgert.model import Model
         self.m = Model(path, n_ctx=n_ctx, n_batch=512)
         self.n_vocab = self.m.cfg.n_vocab

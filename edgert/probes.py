@@ -60,10 +60,10 @@ def cached(name: str, compute, refresh: bool = False):
 def memory_bandwidth(threads: int, refresh: bool = False) -> float:
     """Read bandwidth in bytes/s with `threads` threads (a 512 MiB streaming sum, best of 5)."""
     def measure():
-        import numba
+        from edgert.kernels.matmul import set_threads
 
         from edgert.kernels.probe import read_sum
-        numba.set_num_threads(threads)
+        set_threads(threads)
         a = np.ones(64 * 1024 * 1024, np.float64)  # 512 MiB, far beyond the caches
         read_sum(a, threads)
         best = 0.0
@@ -134,8 +134,8 @@ def op_costs(threads: int, refresh: bool = False, stream_types=()) -> dict:
     'python_per_op', the interpreter's time per op call, from a tiny random model's decode step
     less its modelled kernel time."""
     def measure():
-        import numba
-        numba.set_num_threads(threads)
+        from edgert.kernels.matmul import set_threads
+        set_threads(threads)
         cal = _kernel_fits()
         cal["membw"] = memory_bandwidth(threads)
         for q in stream_types:

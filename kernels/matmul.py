@@ -28,6 +28,23 @@ def quantize_act(act, x, xq, xd, xs, S):
         quantize_act_row(act, x[t], xq[t], xd[t], xs[t], S)
 
 
+@nb.njit(cache=True, nogil=True)
+def quantize_act_serial(act, x, xq, xd, xs, S):
+    """quantize_act for a few rows (decode): no parallel region to launch."""
+    for t in range(x.shape[0]):
+        quantize_act_row(act, x[t], xq[t], xd[t], xs[t], S)
+
+
+_THREADS = [nb.config.NUMBA_NUM_THREADS]  # threads the kernels split work for (set_threads)
+
+
+def set_threads(n: int):
+    """Set Numba's thread count and the split the matmul kernels use (reading it back from
+    Numba costs a microsecond per call)."""
+    nb.set_num_threads(n)
+    _THREADS[0] = n
+
+
 @nb.njit(cache=True, nogil=True, inline="always")
 def _lo(v):
     return np.float32(np.uint8(v & np.uint8(15)))
@@ -39,9 +56,9 @@ def _hi(v):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=_FM)
-def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc):
+def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
     """out[t0:t0+tt, rows of tile ti] for one row tile and token tile.
-    s: [4, TT, TILE] partial sums, acc: [TT, TILE] results (scratch). Inner loops index the
+    s: [4, TT, TILE] partial sums, acc: [TT, TILE] results, h32: [TILE] int32 (scratch). Inner loops index the
     arrays directly (a slice per iteration costs more than the 64-row loop it feeds)."""
     C = xq.shape[1]
     acc[:, :] = 0.0
@@ -57,20 +74,32 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc):
         off = np.float32(8.0) if qtype == 2 else (np.float32(0.0) if qtype == 3 else np.float32(16.0))
         for b in range(C // 32):
             s[0, :tt, :] = 0.0
-            for j in range(16):
-                i = 16 * b + j
-                hl = 4 * b + j // 8
-                sh = np.uint8(j % 8)
-                for k in range(tt):
-                    xl = xq[t0 + k, 32 * b + j]
-                    xh = xq[t0 + k, 32 * b + 16 + j]
-                    if qtype == 6:
+            if qtype == 6:
+                # the block's 32 high bits of each row as one int32 (bit j: element j, bit j + 16:
+                # element j + 16), so the inner loop shifts 32-bit lanes instead of bytes
+                for r in range(TILE):
+                    h32[r] = (np.int32(qh[ti, 4 * b, r]) | (np.int32(qh[ti, 4 * b + 1, r]) << 8)
+                              | (np.int32(qh[ti, 4 * b + 2, r]) << 16) | (np.int32(qh[ti, 4 * b + 3, r]) << 24))
+                i15, i1, i4, i16 = np.int32(15), np.int32(1), np.int32(4), np.int32(16)
+                for j in range(16):
+                    i = 16 * b + j
+                    jl, jh = np.int32(j), np.int32(j + 16)
+                    for k in range(tt):
+                        xl = xq[t0 + k, 32 * b + j]
+                        xh = xq[t0 + k, 32 * b + 16 + j]
                         for r in range(TILE):
-                            v = qs[ti, i, r]
-                            ql = _lo(v) + np.float32(np.uint8((qh[ti, hl, r] >> sh) & np.uint8(1)) * np.uint8(16))
-                            qq = _hi(v) + np.float32(np.uint8((qh[ti, hl + 2, r] >> sh) & np.uint8(1)) * np.uint8(16))
-                            s[0, k, r] += (ql - off) * xl + (qq - off) * xh
-                    else:
+                            v = np.int32(qs[ti, i, r])
+                            hv = h32[r]
+                            # every step wrapped in int32: Numba types int32 arithmetic as int64
+                            ql = np.int32(np.int32(v & i15) | np.int32(np.int32(np.int32(hv >> jl) & i1) << i4))
+                            qq = np.int32(np.int32(v >> i4) | np.int32(np.int32(np.int32(hv >> jh) & i1) << i4))
+                            s[0, k, r] += np.float32(np.int32(ql - i16)) * xl + np.float32(np.int32(qq - i16)) * xh
+            else:
+                for j in range(16):
+                    i = 16 * b + j
+                    for k in range(tt):
+                        xl = xq[t0 + k, 32 * b + j]
+                        xh = xq[t0 + k, 32 * b + 16 + j]
                         for r in range(TILE):
                             v = qs[ti, i, r]
                             s[0, k, r] += (_lo(v) - off) * xl + (_hi(v) - off) * xh
@@ -168,9 +197,10 @@ def matmul_q(qtype, qs, qh, sc, d, m, xq, xd, xs, out, nthreads):
     for c in nb.prange(nthreads):
         s = np.empty((4, TT, TILE), np.float32)   # per-block partial sums
         acc = np.empty((TT, TILE), np.float32)    # per-row results of a token tile
+        h32 = np.empty(TILE, np.int32)            # per-row high bits of a Q5_0 block
         for ti in range(c * chunk, min(nt, (c + 1) * chunk)):
             for t0 in range(0, T, TT):
-                _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc)
+                _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, h32)
 
 
 class ActBuffers:
@@ -192,7 +222,7 @@ def quantize_for(w: QMatrix, x: np.ndarray, buf: ActBuffers):
     xq = buf.xq[:T * K].reshape(T, K)
     xd = buf.xd[:T * (K // A)].reshape(T, K // A)
     xs = buf.xs[:T * (K // S)].reshape(T, K // S)
-    quantize_act(act, x, xq, xd, xs, S)
+    (quantize_act if T >= TT else quantize_act_serial)(act, x, xq, xd, xs, S)
     return xq, xd, xs
 
 
@@ -210,4 +240,4 @@ def matmuls(x: np.ndarray, pairs, buf: ActBuffers):
         if done != DOT[w.qtype]:
             xq, xd, xs = quantize_for(w, x, buf)
             done = DOT[w.qtype]
-        matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, nb.get_num_threads())
+        matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])

@@ -18,11 +18,13 @@ without tiles streamed from DRAM at half the rate). Q8_0 quants are stored as q 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
 import numba as nb
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 import numpy as np
 
 # ggml type ids (gguf.GGMLQuantizationType)
@@ -270,34 +272,72 @@ def dequantize(w: QMatrix) -> np.ndarray:
 # fp16 rounding (numba has no float16 type)
 # ============================================================================================
 
+@intrinsic
+def _f32_to_u32(typingctx, x):
+    """Bit pattern of a float32 (LLVM bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _u32_to_f32(typingctx, u):
+    """float32 with bit pattern u (LLVM bitcast)."""
+    if u != types.uint32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def f16_bits(x):
+    """float32 -> fp16 bit pattern (uint16), round half to even, on the bits (NumPy's
+    npy_floatbits_to_halfbits): a few integer operations instead of frexp/ldexp."""
+    f = np.int64(_f32_to_u32(np.float32(x)))
+    h_sgn = (f & 0x80000000) >> 16
+    f_exp = f & 0x7F800000
+    if f_exp >= 0x47800000:  # overflow to inf, or inf / nan
+        if f_exp == 0x7F800000 and (f & 0x007FFFFF) != 0:
+            return np.uint16(h_sgn | 0x7E00)
+        return np.uint16(h_sgn | 0x7C00)
+    if f_exp <= 0x38000000:  # a half subnormal, or zero
+        if f_exp < 0x33000000:
+            return np.uint16(h_sgn)
+        e = f_exp >> 23
+        f_sig = (0x00800000 + (f & 0x007FFFFF)) >> (113 - e)
+        if (f_sig & 0x3FFF) != 0x1000 or (f & 0x7FF) != 0:
+            f_sig += 0x1000
+        return np.uint16(h_sgn + (f_sig >> 13))
+    h_exp = (f_exp - 0x38000000) >> 13
+    f_sig = f & 0x007FFFFF
+    if (f_sig & 0x3FFF) != 0x1000:
+        f_sig += 0x1000
+    return np.uint16(h_sgn + h_exp + (f_sig >> 13))  # a mantissa carry rounds into the exponent
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def f16_to_f32(h):
+    """fp16 bit pattern -> float32 (exact)."""
+    hh = np.int64(h)
+    sign = (hh & 0x8000) << 16
+    e = hh & 0x7C00
+    if e == 0x7C00:
+        return _u32_to_f32(np.uint32(sign | 0x7F800000 | ((hh & 0x3FF) << 13)))
+    if e == 0:
+        v = np.float32(hh & 0x3FF) * np.float32(2.0 ** -24)
+        return -v if sign else v
+    return _u32_to_f32(np.uint32(sign | (((hh & 0x7FFF) << 13) + 0x38000000)))
+
+
 @nb.njit(cache=True, nogil=True, inline="always")
 def round_f16(x):
     """float32 -> nearest fp16 value (round half to even), returned as float32."""
-    ax = abs(x)
-    if ax == 0.0 or not np.isfinite(ax):
-        return x
-    if ax >= np.float32(65520.0):
-        return np.float32(np.inf) if x > 0 else np.float32(-np.inf)
-    mant, e = math.frexp(ax)  # ax = mant * 2**e, 0.5 <= mant < 1
-    q = math.ldexp(1.0, e - 11) if e > -14 else 2.0 ** -24
-    r = np.float32(np.rint(ax / q) * q)
-    return r if x > 0 else -r
-
-
-@nb.njit(cache=True, nogil=True)
-def f16_bits(x):
-    """float32 -> fp16 bit pattern (uint16) with round-half-even; x must be finite."""
-    v = round_f16(x)
-    sign = np.uint16(0x8000) if (v < 0 or (v == 0 and np.signbit(v))) else np.uint16(0)
-    av = abs(v)
-    if av == 0:
-        return sign
-    if not np.isfinite(av):
-        return sign | np.uint16(0x7C00)
-    mant, e = math.frexp(av)
-    if e - 1 < -14:  # subnormal
-        return sign | np.uint16(np.int64(av * np.float32(2.0 ** 24)))
-    return sign | np.uint16(((e - 1 + 15) << 10) | np.int64((mant * 2 - 1) * 1024))
+    return f16_to_f32(f16_bits(x))
 
 
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)

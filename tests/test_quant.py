@@ -129,3 +129,30 @@ def test_matmuls_shares_quantisation(rng):
         single = np.empty_like(o)
         matmul(w, x, single, ActBuffers(2, C))
         assert np.array_equal(o, single)
+
+
+def test_f16_bits_every_half_and_halfway_cases(rng):
+    """f16_bits / round_f16 against NumPy on every fp16 value, the midpoints between neighbours
+    (ties to even), subnormals, overflow and random floats."""
+    from numba import njit
+
+    from edgert.kernels.quant import f16_bits
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)].astype(np.float32)
+    srt = np.sort(np.unique(finite))
+    mids = ((srt[:-1].astype(np.float64) + srt[1:]) / 2).astype(np.float32)
+    x = np.concatenate([finite, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                        rng.standard_normal(50000).astype(np.float32) * np.float32(1e-6),
+                        np.float32([65519.0, 65520.0, 70000.0, -1e9, 1e-30, 2.9802322e-08, 2.9802326e-08])])
+
+    @njit
+    def run(a, bits, vals):
+        for i in range(a.size):
+            bits[i] = f16_bits(a[i])
+            vals[i] = round_f16(a[i])
+    bits, vals = np.empty(x.size, np.uint16), np.empty(x.size, np.float32)
+    run(x, bits, vals)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    assert np.array_equal(bits, ref.view(np.uint16))
+    assert np.array_equal(vals.view(np.uint32), ref.astype(np.float32).view(np.uint32))
