@@ -21,7 +21,7 @@ from edgert.kernels.activation import geglu, swiglu
 from edgert.kernels.attention import attention, store_kv
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls
 from edgert.kernels.norm import rmsnorm
-from edgert.kernels.quant import F16_TABLE, QMatrix, dequantize_row
+from edgert.kernels.quant import QMatrix, dequantize_row
 from edgert.kernels.rope import rope, theta_scale
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,7 @@ class Model:
             q *= np.float32(c.q_scale)
         ops.store_kv(k3, v3, self.k_cache[il], self.v_cache[il], pos0)
         window = c.swa_window if c.is_swa(il) else 0
-        ops.attention(q3, self.k_cache[il], self.v_cache[il], pos0, window, np.float32(c.kq_scale),
-                      F16_TABLE, att)
+        ops.attention(q3, self.k_cache[il], self.v_cache[il], pos0, window, np.float32(c.kq_scale), att)
         ops.attn_out(L.wo, att, o, self.act_q)
         if L.post_attn_norm is not None:
             ops.post_attn_norm(o, L.post_attn_norm, c.rms_eps, o)

@@ -142,8 +142,9 @@ def op_costs(threads: int, refresh: bool = False, stream_types=()) -> dict:
             cal[f"stream:{q}"] = _stream_rate(q)
         cal["python_per_op"] = _python_per_op(cal)
         return cal
+    from edgert.kernels import _digest  # the calibration belongs to these kernel sources
     key = ",".join(sorted(stream_types))
-    return cached(f"opcosts5|{threads}|{key}", measure, refresh)
+    return cached(f"opcosts5|{threads}|{key}|{_digest}", measure, refresh)
 
 
 _STREAM = {}  # qtype name -> list of QMatrix slices (built once per process)
@@ -192,7 +193,7 @@ def _kernel_fits() -> dict:
     from edgert.kernels.attention import attention, store_kv
     from edgert.kernels.matmul import ActBuffers, matmul
     from edgert.kernels.norm import rmsnorm
-    from edgert.kernels.quant import F16_TABLE, dequantize_row
+    from edgert.kernels.quant import dequantize_row
     from edgert.kernels.rope import rope, theta_scale
     rng = np.random.default_rng(0)
     cal = {}
@@ -247,7 +248,7 @@ def _kernel_fits() -> dict:
 
     def att_n(work):
         pos = work // (H * D) - 1
-        return lambda: attention(q, kc, kc, pos, 0, np.float32(0.125), F16_TABLE, out)
+        return lambda: attention(q, kc, kc, pos, 0, np.float32(0.125), out)
     cal["attention"] = fit_vec(att_n, H * D * 64, H * D * 1024, 200)
     return cal
 

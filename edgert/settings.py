@@ -12,7 +12,7 @@ KNOBS = {
     "EDGERT_DEVICE": ("", "default for --device (a device profile name or .toml path)"),
     "EDGERT_MEM_BUDGET": ("", "default for --mem-budget (e.g. 700MB, 1.5GB)"),
     "EDGERT_LOG": ("WARNING", "log level of the library (DEBUG, INFO, WARNING)"),
-    "NUMBA_CACHE_DIR": ("", "where Numba keeps compiled kernels (default: beside the sources)"),
+    "NUMBA_CACHE_DIR": ("~/.cache/edgert/numba", "where Numba keeps compiled kernels (in a subdirectory per hash of the kernel sources)"),
 }
 
 

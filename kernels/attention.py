@@ -7,7 +7,7 @@ the V product.
 import numba as nb
 import numpy as np
 
-from edgert.kernels.quant import f16_bits, round_f16
+from edgert.kernels.quant import f16_bits, f16_finite_to_f32, round_f16
 
 
 @nb.njit(cache=True, nogil=True)
@@ -22,7 +22,7 @@ def store_kv(k, v, k_cache, v_cache, pos0):
 
 
 @nb.njit(cache=True, parallel=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
-def attention(q, k_cache, v_cache, pos0, window, scale, f16_table, out):
+def attention(q, k_cache, v_cache, pos0, window, scale, out):
     """q: [T, n_head, head_dim] (roped); caches: [n_ctx, n_kv, head_dim] uint16; out: [T, n_head * head_dim].
 
     Token t at position p = pos0 + t attends to cache positions max(0, p - window + 1) .. p
@@ -46,7 +46,7 @@ def attention(q, k_cache, v_cache, pos0, window, scale, f16_table, out):
         for i in range(n):
             acc = np.float32(0.0)
             for j in range(D):
-                acc += qh[j] * f16_table[k_cache[start + i, kh, j]]
+                acc += qh[j] * f16_finite_to_f32(k_cache[start + i, kh, j])
             acc *= scale
             s[i] = acc
             mx = max(mx, acc)
@@ -61,4 +61,4 @@ def attention(q, k_cache, v_cache, pos0, window, scale, f16_table, out):
         for i in range(n):
             pw = round_f16(s[i] * inv)
             for j in range(D):
-                o[j] += pw * f16_table[v_cache[start + i, kh, j]]
+                o[j] += pw * f16_finite_to_f32(v_cache[start + i, kh, j])

@@ -335,6 +335,17 @@ def f16_to_f32(h):
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
+def f16_finite_to_f32(h):
+    """Finite fp16 bit pattern -> float32 (exact), branch-free so that loops over a KV cache
+    vectorise: the fp16 exponent and mantissa placed in a float32's bits, times 2^112, re-bias
+    the exponent (subnormal halves become exact normal floats)."""
+    hh = np.uint32(h)
+    bits = np.uint32(np.uint32(np.uint32(hh & np.uint32(0x8000)) << np.uint32(16))
+                     | np.uint32(np.uint32(hh & np.uint32(0x7FFF)) << np.uint32(13)))
+    return _u32_to_f32(bits) * np.float32(2.0 ** 112)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
 def round_f16(x):
     """float32 -> nearest fp16 value (round half to even), returned as float32."""
     return f16_to_f32(f16_bits(x))
