@@ -80,20 +80,23 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
                 for r in range(TILE):
                     h32[r] = (np.int32(qh[ti, 4 * b, r]) | (np.int32(qh[ti, 4 * b + 1, r]) << 8)
                               | (np.int32(qh[ti, 4 * b + 2, r]) << 16) | (np.int32(qh[ti, 4 * b + 3, r]) << 24))
-                i15, i1, i4, i16 = np.int32(15), np.int32(1), np.int32(4), np.int32(16)
                 for j in range(16):
                     i = 16 * b + j
-                    jl, jh = np.int32(j), np.int32(j + 16)
+                    sl, sh = np.int32(31 - j), np.int32(15 - j)  # bit j, j + 16 -> the sign bit
                     for k in range(tt):
                         xl = xq[t0 + k, 32 * b + j]
                         xh = xq[t0 + k, 32 * b + 16 + j]
+                        xl16, xh16 = np.float32(16.0) * xl, np.float32(16.0) * xh
                         for r in range(TILE):
-                            v = np.int32(qs[ti, i, r])
+                            # value = nibble - 16, plus 16 where the high bit is set: a masked add
+                            v = qs[ti, i, r]
                             hv = h32[r]
-                            # every step wrapped in int32: Numba types int32 arithmetic as int64
-                            ql = np.int32(np.int32(v & i15) | np.int32(np.int32(np.int32(hv >> jl) & i1) << i4))
-                            qq = np.int32(np.int32(v >> i4) | np.int32(np.int32(np.int32(hv >> jh) & i1) << i4))
-                            s[0, k, r] += np.float32(np.int32(ql - i16)) * xl + np.float32(np.int32(qq - i16)) * xh
+                            a = (_lo(v) - off) * xl + (_hi(v) - off) * xh
+                            if np.int32(hv << sl) < 0:
+                                a += xl16
+                            if np.int32(hv << sh) < 0:
+                                a += xh16
+                            s[0, k, r] += a
             else:
                 for j in range(16):
                     i = 16 * b + j
