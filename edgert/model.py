@@ -164,18 +164,13 @@ class Model:
 
     def attach_tracer(self, tracer):
         """Time every op and layer block into `tracer` (edgert.trace.Tracer); None detaches."""
-        from edgert import trace
         self.ops = make_ops(self.cfg)
         for k in ("_attention_block", "_ffn_block"):
             self.__dict__.pop(k, None)
         self.tracer = tracer
         if tracer is None:
             return
-        special = {"qkv": trace.bytes_matmuls, "gate_up": trace.bytes_matmuls, "attn_out": trace.bytes_matmul,
-                   "ffn_down": trace.bytes_matmul, "output": trace.bytes_matmul,
-                   "attention": trace.bytes_attention}
-        self.ops = SimpleNamespace(**{k: tracer.wrap(f, k, "op", special.get(k, trace.bytes_first_two))
-                                      for k, f in vars(self.ops).items()})
+        self.ops = SimpleNamespace(**{k: tracer.wrap(f, k, "op") for k, f in vars(self.ops).items()})
         self._attention_block = tracer.wrap_block(self._attention_block, "attention")
         self._ffn_block = tracer.wrap_block(self._ffn_block, "ffn")
 

@@ -65,9 +65,13 @@ def simulate(model, ids, n: int, prof, host, threads: int, reps: int = 3, calibr
         host_m.append([predict_decode(model, cal, sc_host, int(p))["total"] for p in pos])
         dev_m.append([predict_decode(model, cal, sc_dev, int(p))["total"] for p in pos])
     mid = int(pos[len(pos) // 2])
-    cal = {k: (np.median([c[k] for c in cals], axis=0).tolist() if isinstance(v, list) else
-               float(np.median([c[k] for c in cals]))) for k, v in cals[0].items()}
     return {"positions": pos, "host_measured": np.median(meas, axis=0),
             "host_model": np.median(host_m, axis=0), "device_model": np.median(dev_m, axis=0),
-            "device": predict_decode(model, cal, sc_dev, mid), "host": predict_decode(model, cal, sc_host, mid),
-            "scale": sc_dev, "calibrations": cals}
+            "device": _median_breakdown(model, cals, sc_dev, mid),
+            "host": _median_breakdown(model, cals, sc_host, mid), "scale": sc_dev, "calibrations": cals}
+
+
+def _median_breakdown(model, cals, sc, pos) -> dict:
+    """The modelled breakdown at pos, each component the median over the calibrations."""
+    parts = [predict_decode(model, cal, sc, pos) for cal in cals]
+    return {k: float(np.median([p[k] for p in parts])) for k in ("total", "compute", "memory", "fixed", "overlap", "bytes")}
