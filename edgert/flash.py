@@ -147,19 +147,28 @@ class FlashReader:
 
     # ---------------------------------------------------------------------------------------
 
-    def _read_full(self, offset, mv, nbytes):
-        """pread until nbytes arrived; short reads continue where they stopped."""
+    def _pread_loop(self, mv, offset, want, block=1):
+        """pread into mv until `want` bytes of the file at offset arrived; a short read continues
+        where it stopped (rounded down to `block`, the O_DIRECT granule, re-reading a partial one)."""
         got = 0
-        while got < nbytes:
+        while got < want:
             try:
-                n = self._preadv(self.fd, [mv[got:nbytes]], offset + got)
+                n = self._preadv(self.fd, [mv[got:]], offset + got)
             except OSError as e:
                 raise EdgertError(f"{self.path}: read error at offset {offset + got} "
-                                  f"({nbytes - got} bytes): {e.strerror or e}") from None
+                                  f"({want - got} bytes): {e.strerror or e}") from None
             if n == 0:
                 raise EdgertError(f"{self.path}: unexpected end of file at offset {offset + got}")
-            got += n
-        return got
+            new = got + n
+            if new < want and new % block:
+                new -= new % block
+                if new <= got:
+                    raise EdgertError(f"{self.path}: O_DIRECT read at offset {offset + got} makes no "
+                                      f"progress ({n} bytes per call)")
+            got = new
+
+    def _read_full(self, offset, mv, nbytes):
+        self._pread_loop(mv[:nbytes], offset, nbytes)
 
     def _read_direct(self, offset, out):
         """O_DIRECT: offset, length and address aligned. Aligned requests into aligned buffers go
@@ -169,22 +178,7 @@ class FlashReader:
         direct_ok = lo == offset and out.ctypes.data % ALIGN == 0 and out.nbytes % ALIGN == 0
         buf = out if direct_ok else aligned_empty(hi - lo)
         want = min(hi, self.size) - lo  # bytes that exist in the cover
-        got = 0
-        mv = memoryview(buf).cast("B")
-        while got < want:
-            try:
-                n = self._preadv(self.fd, [mv[got:hi - lo]], lo + got)
-            except OSError as e:
-                raise EdgertError(f"{self.path}: read error at offset {lo + got} "
-                                  f"({want - got} bytes): {e.strerror or e}") from None
-            if n == 0:
-                raise EdgertError(f"{self.path}: unexpected end of file at offset {lo + got}")
-            got += n
-            if got < want and got % ALIGN:  # a short read mid-block: re-read from its block start
-                if got - got % ALIGN <= got - n:
-                    raise EdgertError(f"{self.path}: O_DIRECT read at offset {lo + got - n} makes no "
-                                      f"progress ({n} bytes per call)")
-                got -= got % ALIGN
+        self._pread_loop(memoryview(buf).cast("B")[:hi - lo], lo, want, ALIGN)
         if not direct_ok:
             out[:] = buf[offset - lo:offset - lo + out.nbytes]
 

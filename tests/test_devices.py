@@ -65,3 +65,35 @@ def test_flash_curve_interpolates_in_log_size():
     assert c.throughput(1 << 30) == pytest.approx(2000e6)      # clamped
     assert c.request_seconds(4096, 1) == pytest.approx(4096 / 40e6)
     assert c.request_seconds(512) == pytest.approx(100e-6)      # never faster than first byte
+
+
+def test_cli_one_line_errors_for_profiles(tmp_path):
+    from test_cli import one_line_error, run_cli
+    bad = tmp_path / "phone.toml"
+    d = _pixel()
+    d["memory"]["app_share"] = 2.0
+    bad.write_text("\n".join(_toml_lines(d)))
+    r = run_cli("devices", "show", str(bad))
+    one_line_error(r, "phone.toml", "memory.app_share", "impossible")
+    r = run_cli("devices", "show", "pixel-9")
+    one_line_error(r, "unknown device 'pixel-9'")
+    r = run_cli("devices", "show", "pixel-8-pro")
+    assert r.returncode == 0 and "Tensor G3" in r.stdout and "sources:" in r.stdout
+
+
+def _toml_lines(d, prefix=""):
+    """A minimal TOML writer for the profile's shape (tables, arrays of tables, scalars, lists)."""
+    import json
+    out = []
+    for k, v in d.items():
+        if not isinstance(v, (dict, list)) or (isinstance(v, list) and v and not isinstance(v[0], dict)):
+            out.append(f"{k} = {json.dumps(v)}")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.append(f"[{k}]")
+            out += [f"{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                out.append(f"[[{k}]]")
+                out += [f"{kk} = {json.dumps(vv)}" for kk, vv in item.items()]
+    return out
