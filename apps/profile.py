@@ -1,7 +1,7 @@
 """edgert profile: where decode time, bytes and memory go, per op and per layer.
 
-Runs the prompt, then N decode tokens in pairs of runs without and with the tracer (the tables
-come from the last traced run) and prints: the per-op table (time, %, calls, bytes, GB/s), the per-layer
+Runs the prompt and N traced decode tokens (the tables), then measures the tracer's cost with
+-r x N tokens alternating untraced / traced token by token, and prints: the per-op table (time, %, calls, bytes, GB/s), the per-layer
 table, the I/O counters of loading, the RSS timeline and the tracer's own cost. --trace writes
 Chrome Trace Event JSON (ph X spans per layer / op / I/O request, ph C counters for RSS, bytes
 read and KV bytes, ph M thread names) that opens in Perfetto (ui.perfetto.dev).
@@ -21,7 +21,7 @@ def build_parser():
     p.add_argument("-p", "--prompt", default="The history of the transistor begins", help="prompt text")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="decode tokens to profile")
     p.add_argument("-r", "--repetitions", type=int, default=7,
-                   help="pairs of untraced / traced runs (the tracer's cost is their median ratio)")
+                   help="runs of N tokens, alternating untraced / traced, that measure the tracer's cost")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (JSON) of the traced run")
     p.add_argument("--direct-io", action="store_true", help="load weights with O_DIRECT (no page cache)")
     return p
@@ -64,23 +64,14 @@ def main(argv) -> int:
     rss = [("loaded", psutil.Process().memory_info().rss)]
     model.attach_tracer(None)
     decode_run(model, ids, min(4, n))  # warm-up: kernels come from Numba's cache
-    plain, traced = [], []
-    for rep in range(args.repetitions):  # pairs: untraced, traced
-        plain.append(decode_run(model, ids, n)[1])
-        # the trace keeps the load's I/O and the last traced run only
-        tracer.spans[:] = [sp for sp in tracer.spans if sp[1] in ("io", "load")]
-        tracer.counters.clear()
-        model.attach_tracer(tracer)
-        t_dec, sec = decode_run(model, ids, n, tracer)
-        traced.append(sec)
-        model.attach_tracer(None)
-        if rep in (0, args.repetitions - 1):
-            rss.append((f"run {rep + 1}", psutil.Process().memory_info().rss))
-    import numpy as np
-    t_plain, t_traced = float(np.median(plain)) / n, float(np.median(traced)) / n
-    cost = float(np.median(np.array(traced) / np.array(plain))) - 1
+    model.attach_tracer(tracer)
+    t_dec, sec = decode_run(model, ids, n, tracer)  # the traced run: tables and trace
+    model.attach_tracer(None)
+    rss.append(("traced run", psutil.Process().memory_info().rss))
+    t_plain, t_traced = tracer_cost(model, ids, n, args.repetitions)
+    cost = t_traced / t_plain - 1
     spans = [s for s in tracer.spans if s[3] >= t_dec and s[1] in ("op", "layer")]  # last run's decode
-    _print_tables(tracer, spans, n, traced[-1] / n, model, len(ids) + n // 2)  # the run traced
+    _print_tables(tracer, spans, n, sec / n, model, len(ids) + n // 2)
     io = model.load_io
     err(f"\nI/O (loading weights, {io['mode']}): {io['requests']} requests, {io['bytes'] / 2**20:.1f} MiB in "
         f"{io['wall_s'] * 1e3:.0f} ms ({io['bytes'] / max(io['wall_s'], 1e-9) / 1e9:.2f} GB/s), "
@@ -88,13 +79,41 @@ def main(argv) -> int:
     err("caches: none in this configuration (dense model, every weight resident)")
     err("RSS: " + "  ->  ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in rss)
         + f"   (peak {peak_rss() / 2**20:.0f} MiB; a sample per token in the trace)")
-    err(f"decode: {1 / t_plain:.2f} tok/s untraced, {1 / t_traced:.2f} tok/s traced (medians): tracer cost "
-        f"{cost * 100:+.1f}% (median of {args.repetitions} paired runs of {n} tokens; "
-        f"{len(spans) / n:.0f} spans per token)")
+    err(f"decode: {1 / t_plain:.2f} tok/s untraced, {1 / t_traced:.2f} tok/s traced: tracer cost "
+        f"{cost * 100:+.1f}% ({args.repetitions} x {n} tokens, traced and untraced alternating token by "
+        f"token, trimmed means; {len(spans) / n:.0f} spans per token)")
     if args.trace:
         tracer.write(args.trace)
         err(f"trace: {args.trace} ({len(tracer.spans)} spans, {len(tracer.counters)} counter samples)")
     return 0
+
+
+def tracer_cost(model, ids, n, reps):
+    """-> (seconds per untraced token, per traced token). Tokens alternate between the two
+    (attaching the tracer between tokens, untimed), so that both see the same moments of a
+    shared machine; the 10% slowest of each are dropped (preemptions)."""
+    import numpy as np
+
+    from edgert.trace import Tracer
+    times = {False: [], True: []}
+    for r in range(reps):
+        model.reset()
+        model.prefill(ids)
+        tr = Tracer()
+        for i in range(n):
+            on = (i + r) % 2 == 1
+            model.attach_tracer(tr if on else None)
+            t0 = time.perf_counter()
+            model.decode_one_token(ids[-1])
+            if on:
+                tr.counter("memory", kv_mib=0.0)
+            times[on].append(time.perf_counter() - t0)
+    model.attach_tracer(None)
+
+    def trimmed(v):
+        v = np.sort(v)
+        return float(v[:max(1, int(len(v) * 0.9))].mean())
+    return trimmed(times[False]), trimmed(times[True])
 
 
 def _print_tables(tracer, spans, n, t_tok, model, pos):
