@@ -126,14 +126,15 @@ def budget_from_args(mem_budget: str | None, device: str | None) -> MemoryBudget
 
 def plan_model(g, c, n_ctx: int, n_batch: int) -> dict[str, int]:
     """Bytes the Model will hold for GGUF `g` with config `c`: {category: bytes}."""
-    from edgert.kernels.quant import repack_staging_bytes, repacked_nbytes
+    from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
     weights = vectors = staging = 0
     for n, t in g.tensors.items():
         if len(t.shape) == 1:
             vectors += t.nbytes
             continue
         g.check_type(n)
-        weights += repacked_nbytes(t.qtype, t.rows, t.cols)
+        held = Q8_0 if g.expand_q5 and t.qtype == Q5_0 else t.qtype
+        weights += repacked_nbytes(held, t.rows, t.cols)
         staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
     return {"weights": weights + vectors, "kv cache": kv_bytes(c, n_ctx),
             "scratch": scratch_bytes(c, n_batch), "load staging": staging,

@@ -64,7 +64,7 @@ class FlashReader:
         self.tracer = tracer
         self._preadv = preadv         # injectable for fault tests
         self.stats = IOStats()
-        self._inflight = 0
+        self._pending = 0             # requests issued and not complete (queue depth)
         self._device_free = 0.0       # throttle: when the modelled device is next idle
         self._lock = threading.Lock()
         self.mode = "buffered"
@@ -99,8 +99,11 @@ class FlashReader:
             raise EdgertError(f"{self.path}: read of {nbytes} bytes at offset {offset} is beyond the "
                               f"end of the file ({self.size} bytes)")
         with self._lock:
-            self._inflight += 1
-            qd = self._inflight
+            if _queued_at is None:  # a synchronous read; queued ones were counted by submit
+                self._pending += 1
+            # the device's queue depth: requests the app has issued and not seen complete (the
+            # pool's queue included), at most what the pool keeps in flight
+            qd = min(self._pending, self.io_threads) if _queued_at is not None else self._pending
         t0 = time.perf_counter()
         try:
             if self.mode == "O_DIRECT":
@@ -112,7 +115,7 @@ class FlashReader:
             slept = self._throttle(t0, nbytes, qd) if self.throttle is not None else 0.0
         finally:
             with self._lock:
-                self._inflight -= 1
+                self._pending -= 1
         t_end = time.perf_counter()
         start = t0 if _queued_at is None else _queued_at
         self.stats.add(nbytes, t_end - start, slept)
@@ -143,6 +146,8 @@ class FlashReader:
 
     def submit(self, offset: int, out: np.ndarray) -> Future:
         """Queue a read into `out`; the Future's result() raises EdgertError on failure."""
+        with self._lock:
+            self._pending += 1
         return self._pool.submit(self.read_into, offset, out, time.perf_counter())
 
     # ---------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgert.errors import EdgertError
-from edgert.kernels.quant import (BLOCK, CHUNK_ROWS, TYPE_NAMES, QMatrix, mmap_chunks, repack_chunked,
-                                  row_bytes)
+from edgert.kernels.quant import (BLOCK, CHUNK_ROWS, Q5_0, TYPE_NAMES, QMatrix, expand_q5_0, mmap_chunks,
+                                  repack_chunked, row_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class GGUFFile:
     def __init__(self, path: str, reader=None):
         self.path = str(path)
         self.reader = reader  # a FlashReader: matrices are read through it (else from the mmap)
+        self.expand_q5 = False  # hold Q5_0 matrices as Q8_0 (quant.expand_q5_0)
         self.size = _check_header(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
         self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
@@ -92,7 +93,8 @@ class GGUFFile:
         else:
             chunks = mmap_chunks(self.raw(name), t.qtype, t.rows, t.cols,
                                  release=lambda lo, hi: self._release_range(t.offset + lo, hi - lo))
-        return repack_chunked(t.qtype, t.rows, t.cols, chunks)
+        q = repack_chunked(t.qtype, t.rows, t.cols, chunks)
+        return expand_q5_0(q) if self.expand_q5 and t.qtype == Q5_0 else q
 
     def _read_chunks(self, t: TensorInfo):
         """Chunks (r0, r1, bytes) of tensor t read through the FlashReader, double-buffered: the

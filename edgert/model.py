@@ -16,6 +16,7 @@ from edgert.budget import MemoryBudget, kv_bytes, measured, plan_model, scratch_
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
 from edgert.flash import FlashReader
+from edgert.settings import env
 from edgert.gguf_file import GGUFFile
 from edgert.kernels.activation import geglu, swiglu
 from edgert.kernels.attention import attention, store_kv
@@ -101,14 +102,16 @@ class Model:
     """A loaded model with its KV cache. Positions are absolute; `n_past` tokens are cached."""
 
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, budget: MemoryBudget | None = None,
-                 direct_io: bool = False, throttle=None, tracer=None):
+                 direct_io: bool = False, throttle=None, tracer=None, expand_q5: bool | None = None):
         """Load `path` (GGUF). Matrices are read through a FlashReader (O_DIRECT with direct_io,
         else buffered; `throttle` a FlashCurve imposing a device's flash); `tracer` records the
-        load's reads and, attached, every op."""
+        load's reads and, attached, every op; expand_q5 holds Q5_0 matrices as 8-bit (faster,
+        1.5x their memory; default: EDGERT_EXPAND_Q5)."""
         t0 = time.perf_counter()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
         g.reader = FlashReader(self.path, direct=direct_io, io_threads=2, throttle=throttle, tracer=tracer)
+        g.expand_q5 = env("EDGERT_EXPAND_Q5") == "1" if expand_q5 is None else expand_q5
         self.gguf = g
         self.cfg = c = config_from_gguf(g)
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx

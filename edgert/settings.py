@@ -11,6 +11,7 @@ KNOBS = {
     "EDGERT_N_CTX": ("", "default for -c/--ctx-size"),
     "EDGERT_DEVICE": ("", "default for --device (a device profile name or .toml path)"),
     "EDGERT_MEM_BUDGET": ("", "default for --mem-budget (e.g. 700MB, 1.5GB)"),
+    "EDGERT_EXPAND_Q5": ("0", "1: hold Q5_0 matrices as 8-bit (about 2x faster Q5_0 products, 1.5x their memory)"),
     "EDGERT_LOG": ("WARNING", "log level of the library (DEBUG, INFO, WARNING)"),
     "NUMBA_CACHE_DIR": ("~/.cache/edgert/numba", "where Numba keeps compiled kernels (in a subdirectory per hash of the kernel sources)"),
 }

@@ -190,6 +190,23 @@ def repack_chunked(qtype: int, rows: int, cols: int, chunks) -> QMatrix:
     return QMatrix(qtype, rows, cols, *out)
 
 
+def expand_q5_0(q: QMatrix) -> QMatrix:
+    """A repacked Q5_0 matrix as a repacked Q8_0 one holding the same values (q - 16 as the
+    stored byte - 128, the same scales): Q5_0's products then run in the faster Q8_0 loop, with
+    the same activation format (Q8_0) and bit-identical results, for 1.5x the memory."""
+    nt, nbytes_, tile = q.qs.shape
+    nb_ = nbytes_ // 16
+    qs = q.qs.reshape(nt, nb_, 16, tile)
+    bits = np.unpackbits(q.qh.reshape(nt, nb_, 4, tile), axis=2, bitorder="little")  # [nt, nb, 32, TILE]
+    val = np.empty((nt, nb_, 32, tile), np.uint8)
+    val[:, :, :16] = (qs & np.uint8(15)) | (bits[:, :, :16] << np.uint8(4))
+    val[:, :, 16:] = (qs >> np.uint8(4)) | (bits[:, :, 16:] << np.uint8(4))
+    val += np.uint8(112)  # Q8_0 repacked bytes are value + 128; Q5_0 values are val - 16
+    e8 = np.zeros((nt, 0, tile), np.uint8)
+    return QMatrix(Q8_0, q.rows, q.cols, val.reshape(nt, nb_ * 32, tile), e8, e8, q.d,
+                   np.zeros((nt, 0, tile), np.float32))
+
+
 def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = CHUNK_ROWS) -> int:
     """Upper bound of the transient memory of loading one matrix: two raw chunk buffers (read
     ahead) and about three copies of a chunk inside repack."""

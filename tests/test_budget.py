@@ -37,10 +37,11 @@ def test_budget_charges_and_refuses():
         b.require({"weights": 2000}, "x.gguf")
 
 
-def test_plan_equals_allocations(tiny_models):
+@pytest.mark.parametrize("expand_q5", [False, True])
+def test_plan_equals_allocations(tiny_models, expand_q5):
     for arch, path in tiny_models.items():
         b = MemoryBudget(2**40, "test")
-        m = Model(path, n_ctx=64, n_batch=16, budget=b)
+        m = Model(path, n_ctx=64, n_batch=16, budget=b, expand_q5=expand_q5)
         got = b.by_category()
         assert got["weights"] == m.plan["weights"], arch
         assert got["kv cache"] == m.plan["kv cache"] == m.k_cache.nbytes + m.v_cache.nbytes

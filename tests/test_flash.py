@@ -94,7 +94,7 @@ def test_out_of_range_and_missing(data_file, tmp_path):
         FlashReader(str(tmp_path / "nope.bin"))
 
 
-@pytest.mark.parametrize("qd,req_kib", [(1, 256), (4, 64)])
+@pytest.mark.parametrize("qd,req_kib", [(1, 1024), (4, 256)])
 def test_throttle_achieves_the_curve(data_file, qd, req_kib):
     """The throttle imposes a slow device (well below this machine's storage): the achieved rate
     at the requested size and depth must be within 10% of the curve's."""

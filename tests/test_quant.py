@@ -156,3 +156,19 @@ def test_f16_bits_every_half_and_halfway_cases(rng):
         ref = x.astype(np.float16)
     assert np.array_equal(bits, ref.view(np.uint16))
     assert np.array_equal(vals.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+def test_q5_0_expanded_to_q8_0_gives_identical_products(rng):
+    from edgert.kernels.quant import expand_q5_0
+    rows, cols = 130, 512
+    _, raw = _raw(Q5_0, rows, cols, rng)
+    w5 = repack(Q5_0, raw, rows, cols)
+    w8 = expand_q5_0(w5)
+    assert w8.qtype == Q8_0 and DOT[Q8_0] == DOT[Q5_0]
+    assert np.array_equal(dequantize(w8), dequantize(w5))
+    for T in (1, 7):
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        y5, y8 = np.empty((T, rows), np.float32), np.empty((T, rows), np.float32)
+        matmul(w5, x, y5, ActBuffers(T, cols))
+        matmul(w8, x, y8, ActBuffers(T, cols))
+        assert np.array_equal(y5, y8)
