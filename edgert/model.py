@@ -156,9 +156,13 @@ class Model:
         self.up = np.empty((B, F), np.float32)     # [B, n_ff]
         self.act_e = ActBuffers(B, E)              # quantised activations of width n_embd
         self.act_q = ActBuffers(B, max(Dq, F))     # ... of width n_head * head_dim or n_ff
-        # per layer: (rope theta scale, frequency scale), float32 as ggml computes them
-        self.rope_args = [(theta_scale(c.rope_base_for(il), c.n_rot), np.float32(c.rope_scale_for(il)))
-                          for il in range(c.n_layer)]
+        # per layer: (K cache, V cache, attention window, rope theta scale, rope frequency
+        # scale), the last two float32 as ggml computes them
+        self.layer_args = [(self.k_cache[il], self.v_cache[il], c.swa_window if c.is_swa(il) else 0,
+                            theta_scale(c.rope_base_for(il), c.n_rot), np.float32(c.rope_scale_for(il)))
+                           for il in range(c.n_layer)]
+        self.kq_scale = np.float32(c.kq_scale)
+        self._view_cache = {}
         self.ops = make_ops(c)
         self.tracer = None
         if tracer is not None:
@@ -231,56 +235,72 @@ class Model:
         """Evaluate one token at position n_past; returns its logits [n_vocab]."""
         return self.forward([token])[-1]
 
+    def _views(self, T: int) -> SimpleNamespace:
+        """The buffers' views for a batch of T tokens and the per-layer argument lists, built once
+        per T (decode always uses T = 1): the layer loop then does no slicing or reshaping."""
+        v = self._view_cache.get(T)
+        if v is not None:
+            return v
+        c = self.cfg
+        q, k, vv = self.q[:T], self.k[:T], self.v[:T]
+        gate, up = self.gate[:T], self.up[:T]
+        v = SimpleNamespace(
+            x=self.x[:T], xn=self.xn[:T], q=q, k=k, v=vv, att=self.att[:T], o=self.o[:T], gate=gate, up=up,
+            q3=q.reshape(T, c.n_head, c.head_dim),       # [T, n_head, head_dim]
+            k3=k.reshape(T, c.n_head_kv, c.head_dim),    # [T, n_head_kv, head_dim]
+            v3=vv.reshape(T, c.n_head_kv, c.head_dim),
+            qf=q.reshape(T * c.n_head, c.head_dim),      # [T * n_head, head_dim] (q/k norms)
+            kf=k.reshape(T * c.n_head_kv, c.head_dim),
+            qkv=[[(L.wq, q), (L.wk, k), (L.wv, vv)] for L in self.layers],
+            gate_up=[[(L.w_gate, gate), (L.w_up, up)] for L in self.layers])
+        self._view_cache[T] = v
+        return v
+
     def _hidden(self, tokens) -> np.ndarray:
         c = self.cfg
         T = len(tokens)
         pos0 = self.n_past
-        x = self.x[:T]
+        vw = self._views(T)
+        x = vw.x
         self.ops.embed(self.tok_embd, tokens, x)
         if c.embed_scale != 1.0:
             x *= np.float32(c.embed_scale)  # float32(sqrt(640)) == sqrtf(640), as ggml
         for il, L in enumerate(self.layers):
-            self._attention_block(il, L, x, T, pos0)
-            self._ffn_block(il, L, x, T)
+            self._attention_block(il, L, vw, pos0)
+            self._ffn_block(il, L, vw)
         self.n_past += T
         return x
 
-    def _attention_block(self, il, L: Layer, x, T, pos0):
+    def _attention_block(self, il, L: Layer, vw, pos0):
         c, ops = self.cfg, self.ops
-        xn, q, k, v, att, o = self.xn[:T], self.q[:T], self.k[:T], self.v[:T], self.att[:T], self.o[:T]
+        x, xn, q, att, o, q3, k3 = vw.x, vw.xn, vw.q, vw.att, vw.o, vw.q3, vw.k3
         ops.attn_norm(x, L.attn_norm, c.rms_eps, xn)
-        ops.qkv(xn, [(L.wq, q), (L.wk, k), (L.wv, v)], self.act_e)
+        ops.qkv(xn, vw.qkv[il], self.act_e)
         if L.bq is not None:
             q += L.bq
-            k += L.bk
-            v += L.bv
-        q3 = q.reshape(T, c.n_head, c.head_dim)     # [T, n_head, head_dim]
-        k3 = k.reshape(T, c.n_head_kv, c.head_dim)  # [T, n_head_kv, head_dim]
-        v3 = v.reshape(T, c.n_head_kv, c.head_dim)
+            vw.k += L.bk
+            vw.v += L.bv
         if c.qk_norm:
-            qf = q.reshape(T * c.n_head, c.head_dim)
-            kf = k.reshape(T * c.n_head_kv, c.head_dim)
-            ops.qk_norm(qf, L.q_norm, c.rms_eps, qf)
-            ops.qk_norm(kf, L.k_norm, c.rms_eps, kf)
-        tscale, fscale = self.rope_args[il]
+            ops.qk_norm(vw.qf, L.q_norm, c.rms_eps, vw.qf)
+            ops.qk_norm(vw.kf, L.k_norm, c.rms_eps, vw.kf)
+        k_cache, v_cache, window, tscale, fscale = self.layer_args[il]
         ops.rope(q3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
         ops.rope(k3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
         if c.q_scale != 1.0:
             q *= np.float32(c.q_scale)
-        ops.store_kv(k3, v3, self.k_cache[il], self.v_cache[il], pos0)
-        window = c.swa_window if c.is_swa(il) else 0
-        ops.attention(q3, self.k_cache[il], self.v_cache[il], pos0, window, np.float32(c.kq_scale), att)
+        ops.store_kv(k3, vw.v3, k_cache, v_cache, pos0)
+        ops.attention(q3, k_cache, v_cache, pos0, window, self.kq_scale, att)
         ops.attn_out(L.wo, att, o, self.act_q)
         if L.post_attn_norm is not None:
             ops.post_attn_norm(o, L.post_attn_norm, c.rms_eps, o)
         x += o
 
-    def _ffn_block(self, il, L: Layer, x, T):
+    def _ffn_block(self, il, L: Layer, vw):
         c, ops = self.cfg, self.ops
-        xn, gate, up, o = self.xn[:T], self.gate[:T], self.up[:T], self.o[:T]
+        x, xn, gate, o = vw.x, vw.xn, vw.gate, vw.o
         ops.ffn_norm(x, L.ffn_norm, c.rms_eps, xn)
-        ops.gate_up(xn, [(L.w_gate, gate), (L.w_up, up)], self.act_e)
-        ops.act(gate, up, gate)
+        ops.gate_up(xn, vw.gate_up[il], self.act_e)
+        ops.act(gate, vw.up, gate)
         ops.ffn_down(L.w_down, gate, o, self.act_q)
         if L.post_ffn_norm is not None:
             ops.post_ffn_norm(o, L.post_ffn_norm, c.rms_eps, o)

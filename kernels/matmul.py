@@ -216,15 +216,18 @@ class ActBuffers:
         self.xq = np.empty(T * K, np.float32)                 # [T, K]
         self.xd = np.empty(T * max(K // 32, 1), np.float32)   # [T, K / A]
         self.xs = np.empty(T * max(K // 16, 1), np.float32)   # [T, K / S]
+        self.views = {}  # (T, K, A, S) -> (xq, xd, xs) views, made once
 
 
 def quantize_for(w: QMatrix, x: np.ndarray, buf: ActBuffers):
     """Quantise x [T, K] for weight w's dot type; returns (xq, xd, xs) views."""
     act, S, A = DOT[w.qtype]
     T, K = x.shape
-    xq = buf.xq[:T * K].reshape(T, K)
-    xd = buf.xd[:T * (K // A)].reshape(T, K // A)
-    xs = buf.xs[:T * (K // S)].reshape(T, K // S)
+    v = buf.views.get((T, K, A, S))
+    if v is None:
+        v = buf.views[(T, K, A, S)] = (buf.xq[:T * K].reshape(T, K), buf.xd[:T * (K // A)].reshape(T, K // A),
+                                       buf.xs[:T * (K // S)].reshape(T, K // S))
+    xq, xd, xs = v
     (quantize_act if T >= TT else quantize_act_serial)(act, x, xq, xd, xs, S)
     return xq, xd, xs
 
