@@ -99,7 +99,8 @@ def rss() -> int:
 def measured(fn):
     """-> (fn(), bytes): the process's peak RSS growth while fn ran (Linux: the high-water mark is
     reset first through /proc/self/clear_refs), else the growth of its RSS."""
-    from edgert.settings import peak_rss
+    from edgert.settings import note_peak, peak_rss
+    note_peak()  # the high-water mark so far is kept: peak_rss() still reports the whole run's
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

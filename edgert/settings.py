@@ -33,13 +33,22 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+_PEAK_BEFORE_RESET = [0]  # VmHWM before budget.measured reset it (clear_refs)
+
+
+def note_peak():
+    """Remember the high-water mark before it is reset, so peak_rss() covers the whole run."""
+    _PEAK_BEFORE_RESET[0] = max(_PEAK_BEFORE_RESET[0], peak_rss())
+
+
 def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux: VmHWM; else ru_maxrss)."""
+    """Peak resident set size of this process in bytes (Linux: VmHWM, and its value before any
+    reset; else ru_maxrss)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                    return max(int(line.split()[1]) * 1024, _PEAK_BEFORE_RESET[0])
     except OSError:
         pass
     import resource

@@ -77,3 +77,16 @@ def test_peak_rss_of_1000_tokens_within_budget():
     assert n_eval >= 999
     peak = float(re.search(r"peak RSS = +([\d.]+) MiB", r.stderr).group(1)) * 2**20
     assert peak <= parse_size(budget) + FIXED_OVERHEAD, r.stderr[-600:]
+
+
+def test_measuring_a_step_keeps_the_run_peak():
+    """budget.measured resets the kernel's high-water mark; peak_rss() must still report the peak
+    of the whole run, including what came before the reset."""
+    from edgert.budget import measured
+    from edgert.settings import peak_rss
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed
+    before = peak_rss()
+    del big
+    _, grown = measured(lambda: np.ones(1000).sum())
+    assert grown < 16 * 2**20
+    assert peak_rss() >= before
