@@ -109,7 +109,7 @@ def measured(fn):
         reset = False
     r0 = rss()
     out = fn()
-    grown = (peak_rss() if reset else rss()) - r0
+    grown = (peak_rss(since_reset=True) if reset else rss()) - r0
     return out, max(0, grown)
 
 

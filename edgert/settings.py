@@ -41,14 +41,15 @@ def note_peak():
     _PEAK_BEFORE_RESET[0] = max(_PEAK_BEFORE_RESET[0], peak_rss())
 
 
-def peak_rss() -> int:
+def peak_rss(since_reset: bool = False) -> int:
     """Peak resident set size of this process in bytes (Linux: VmHWM, and its value before any
-    reset; else ru_maxrss)."""
+    reset unless since_reset; else ru_maxrss)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return max(int(line.split()[1]) * 1024, _PEAK_BEFORE_RESET[0])
+                    hwm = int(line.split()[1]) * 1024
+                    return hwm if since_reset else max(hwm, _PEAK_BEFORE_RESET[0])
     except OSError:
         pass
     import resource

@@ -81,12 +81,14 @@ def test_peak_rss_of_1000_tokens_within_budget():
 
 def test_measuring_a_step_keeps_the_run_peak():
     """budget.measured resets the kernel's high-water mark; peak_rss() must still report the peak
-    of the whole run, including what came before the reset."""
-    from edgert.budget import measured
+    of the whole run, including what came before the reset (Linux syncs RSS counters lazily, so
+    readings may differ by some pages)."""
+    from edgert.budget import measured, rss
     from edgert.settings import peak_rss
-    big = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed
+    base = rss()
+    big = np.ones(256 * 2**20 // 8)  # 256 MiB touched, then freed
     before = peak_rss()
     del big
     _, grown = measured(lambda: np.ones(1000).sum())
-    assert grown < 16 * 2**20
-    assert peak_rss() >= before
+    assert grown < 16 * 2**20                      # the step itself, not the earlier peak
+    assert peak_rss() >= max(before - 4 * 2**20, base + 200 * 2**20)
