@@ -193,7 +193,8 @@ def repack_chunked(qtype: int, rows: int, cols: int, chunks) -> QMatrix:
 def expand_q5_0(q: QMatrix) -> QMatrix:
     """A repacked Q5_0 matrix as a repacked Q8_0 one holding the same values (q - 16 as the
     stored byte - 128, the same scales): Q5_0's products then run in the faster Q8_0 loop, with
-    the same activation format (Q8_0) and bit-identical results, for 1.5x the memory."""
+    the same activation format (Q8_0) and the same integer block sums (the float scaling may round
+    differently in the last bit), for 1.5x the memory."""
     nt, nbytes_, tile = q.qs.shape
     nb_ = nbytes_ // 16
     qs = q.qs.reshape(nt, nb_, 16, tile)

@@ -158,7 +158,7 @@ def test_f16_bits_every_half_and_halfway_cases(rng):
     assert np.array_equal(vals.view(np.uint32), ref.astype(np.float32).view(np.uint32))
 
 
-def test_q5_0_expanded_to_q8_0_gives_identical_products(rng):
+def test_q5_0_expanded_to_q8_0_gives_the_same_products(rng):
     from edgert.kernels.quant import expand_q5_0
     rows, cols = 130, 512
     _, raw = _raw(Q5_0, rows, cols, rng)
@@ -171,4 +171,6 @@ def test_q5_0_expanded_to_q8_0_gives_identical_products(rng):
         y5, y8 = np.empty((T, rows), np.float32), np.empty((T, rows), np.float32)
         matmul(w5, x, y5, ActBuffers(T, cols))
         matmul(w8, x, y8, ActBuffers(T, cols))
-        assert np.array_equal(y5, y8)
+        # the integer block sums are equal; the two loops' float scaling may round differently
+        # (fast-math lets LLVM fuse or reorder it per loop): at most an ulp or two
+        assert np.max(np.abs(y5 - y8)) <= 4 * np.finfo(np.float32).eps * np.max(np.abs(y5))
