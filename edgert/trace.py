@@ -44,10 +44,6 @@ class Tracer:
             return r
         return traced
 
-    @staticmethod
-    def nbytes(span) -> int:
-        return span[6]
-
     def wrap_block(self, fn, name: str):
         """A layer block method fn(il, ...): sets the current layer for the ops inside it."""
         spans, clock, layer = self.spans, time.perf_counter, self._layer
@@ -96,7 +92,7 @@ class Tracer:
         for sp in self.spans:
             name, cat, tid, a, b, layer, _ = sp
             args = {}
-            nbytes = self.nbytes(sp)
+            nbytes = sp[6]
             if layer >= 0:
                 args["layer"] = layer
             if nbytes:
@@ -123,7 +119,7 @@ class Tracer:
                 r = agg[sp[0]]
                 r[0] += 1
                 r[1] += sp[4] - sp[3]
-                r[2] += self.nbytes(sp)
+                r[2] += sp[6]
         return sorted(((k, *v) for k, v in agg.items()), key=lambda r: -r[2])
 
     def layer_table(self, spans=None) -> dict[int, dict[str, float]]:
