@@ -28,22 +28,25 @@ def build_parser():
 
 
 def decode_run(model, ids, n, tracer=None):
-    """Prefill ids, then n decode steps feeding back a fixed token (as llama-bench: no sampling)
-    -> (perf_counter time the decode started, seconds of decode). With a tracer, samples the
-    RSS and KV-cache counters after every token."""
+    """decode_fixed, with the tracer's per-token counters (RSS, KV MiB, bytes read) when traced
+    -> (perf_counter time the decode started, seconds of decode)."""
     import psutil
+
+    from edgert.simulate import decode_fixed
     proc = psutil.Process()
-    model.reset()
-    model.prefill(ids)
     per_tok_kv = model.kv_bytes // model.n_ctx
-    t0 = time.perf_counter()
-    for _ in range(n):
-        model.decode_one_token(ids[-1])
-        if tracer is not None:
-            tracer.counter("memory", rss_mib=proc.memory_info().rss / 2**20,
-                           kv_mib=model.n_past * per_tok_kv / 2**20)
-            tracer.counter("bytes read", bytes=model.load_io["bytes"])
-    return t0, time.perf_counter() - t0
+    start = []
+
+    def mark(i):
+        if i == 0:
+            start.append(time.perf_counter())
+
+    def sample(i):
+        tracer.counter("memory", rss_mib=proc.memory_info().rss / 2**20,
+                       kv_mib=model.n_past * per_tok_kv / 2**20)
+        tracer.counter("bytes read", bytes=model.load_io["bytes"])
+    t = decode_fixed(model, ids, n, before=mark, after=sample if tracer is not None else None)
+    return start[0], float(t.sum())
 
 
 def main(argv) -> int:
@@ -94,20 +97,16 @@ def tracer_cost(model, ids, n, reps):
     shared machine; the 10% slowest of each are dropped (preemptions)."""
     import numpy as np
 
+    from edgert.simulate import decode_fixed
     from edgert.trace import Tracer
     times = {False: [], True: []}
     for r in range(reps):
-        model.reset()
-        model.prefill(ids)
         tr = Tracer()
+        on = [(i + r) % 2 == 1 for i in range(n)]
+        t = decode_fixed(model, ids, n, before=lambda i: model.attach_tracer(tr if on[i] else None),
+                         after=lambda i: tr.counter("memory", kv_mib=0.0) if on[i] else None)
         for i in range(n):
-            on = (i + r) % 2 == 1
-            model.attach_tracer(tr if on else None)
-            t0 = time.perf_counter()
-            model.decode_one_token(ids[-1])
-            if on:
-                tr.counter("memory", kv_mib=0.0)
-            times[on].append(time.perf_counter() - t0)
+            times[on[i]].append(t[i])
     model.attach_tracer(None)
 
     def trimmed(v):

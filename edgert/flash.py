@@ -109,7 +109,7 @@ class FlashReader:
             if self.mode == "O_DIRECT":
                 self._read_direct(offset, out)
             else:
-                self._read_full(offset, memoryview(out).cast("B"), nbytes)
+                self._pread_loop(memoryview(out).cast("B"), offset, nbytes)
                 if self.mode == "fadvise":
                     os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
             slept = self._throttle(t0, nbytes, qd) if self.throttle is not None else 0.0
@@ -171,9 +171,6 @@ class FlashReader:
                     raise EdgertError(f"{self.path}: O_DIRECT read at offset {offset + got} makes no "
                                       f"progress ({n} bytes per call)")
             got = new
-
-    def _read_full(self, offset, mv, nbytes):
-        self._pread_loop(mv[:nbytes], offset, nbytes)
 
     def _read_direct(self, offset, out):
         """O_DIRECT: offset, length and address aligned. Aligned requests into aligned buffers go

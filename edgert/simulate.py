@@ -18,23 +18,28 @@ from edgert.costmodel import Scale, predict_decode
 log = logging.getLogger(__name__)
 
 
-def decode_times(model, ids, n: int, reps: int = 3) -> np.ndarray:
-    """Seconds of each of n decode steps after prefilling ids: [n], the median of `reps` runs at
-    each position (the median, like the calibration probes, so that both see the same machine)."""
-    t = np.empty((reps, n))
-    for r in range(reps):
-        model.reset()
-        model.prefill(ids)
-        for i in range(n):
-            t0 = time.perf_counter()
-            model.decode_one_token(ids[-1])  # fixed feedback token: no sampling, as llama-bench
-            t[r, i] = time.perf_counter() - t0
-    return np.median(t, axis=0)
+def decode_fixed(model, ids, n: int, before=None, after=None) -> np.ndarray:
+    """Prefill ids, then n decode steps feeding back ids[-1] (no sampling, as llama-bench):
+    seconds of each step [n]. before(i) runs untimed ahead of step i; after(i) runs inside its
+    timing (what it costs is part of the step)."""
+    model.reset()
+    model.prefill(ids)
+    t = np.empty(n)
+    for i in range(n):
+        if before is not None:
+            before(i)
+        t0 = time.perf_counter()
+        model.decode_one_token(ids[-1])
+        if after is not None:
+            after(i)
+        t[i] = time.perf_counter() - t0
+    return t
 
 
 def modelled_load_seconds(model, curve) -> float:
     """Flash time of reading the model's matrices in the loader's requests (chunks of up to
-    CHUNK_ROWS rows, two in flight) under a flash curve."""
+    CHUNK_ROWS rows) under a flash curve: the sum of the requests' service times at depth 1 (the
+    loader's two requests in flight overlap a read with a repack, not two reads)."""
     from edgert.kernels.quant import CHUNK_ROWS
     total = 0.0
     for name, t in model.gguf.tensors.items():
@@ -61,7 +66,7 @@ def simulate(model, ids, n: int, prof, host, threads: int, reps: int = 3, calibr
     for _ in range(reps):
         cal = calibrate()
         cals.append(cal)
-        meas.append(decode_times(model, ids, n, 1))
+        meas.append(decode_fixed(model, ids, n))
         host_m.append([predict_decode(model, cal, sc_host, int(p))["total"] for p in pos])
         dev_m.append([predict_decode(model, cal, sc_dev, int(p))["total"] for p in pos])
     mid = int(pos[len(pos) // 2])
