@@ -153,5 +153,5 @@ def scratch_bytes(c, B: int) -> int:
     Dq, Dkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     acts = B * (3 * E + 2 * Dq + 2 * Dkv + 2 * F) * 4
     K = max(Dq, F)
-    act_q = B * (K + K // 32 + K // 16) * 4 + B * (E + E // 32 + E // 16) * 4
+    act_q = B * (K + K // 32 + K // 16) * 4 + B * (E + E // 32 + E // 16) * 4 + B * (K + E)  # + int8 copies
     return acts + act_q + c.n_vocab * 4

@@ -51,7 +51,7 @@ class Layer:
 def embed_rows(w: QMatrix, tokens, x):
     """x[t] = row tokens[t] of the embedding table w, dequantised."""
     for t, tok in enumerate(tokens):
-        dequantize_row(w.qtype, *w.arrays(), int(tok), x[t])
+        dequantize_row(w, int(tok), x[t])
 
 
 def make_ops(c: ModelConfig) -> SimpleNamespace:

@@ -155,7 +155,7 @@ def _stream_rate(qname: str) -> float:
     slices of 2048 rows, so nothing is in the cache): the kernel as decode runs it."""
     from edgert.converters.tiny import random_blocks
     from edgert.kernels.matmul import ActBuffers, matmul
-    from edgert.kernels.quant import TILE, TYPE_NAMES, QMatrix, repack, repacked_nbytes
+    from edgert.kernels.quant import TYPE_NAMES, repack, repacked_nbytes
     q = next(k for k, v in TYPE_NAMES.items() if v == qname)
     cols, rows = 1024, 2048
     if qname not in _STREAM:
@@ -163,9 +163,7 @@ def _stream_rate(qname: str) -> float:
         rng = np.random.default_rng(2)
         big = repack(q, np.ascontiguousarray(random_blocks(q, rows * n, cols, rng)).view(np.uint8).reshape(-1),
                      rows * n, cols)
-        nt = rows // TILE
-        _STREAM[qname] = [QMatrix(q, rows, cols, *(a[i * nt:(i + 1) * nt] for a in big.arrays()))
-                          for i in range(n)]
+        _STREAM[qname] = [big.row_slice(i * rows, (i + 1) * rows) for i in range(n)]
     mats = _STREAM[qname]
     x = np.random.default_rng(0).standard_normal((1, cols)).astype(np.float32)
     y = np.empty((1, rows), np.float32)
@@ -213,7 +211,7 @@ def _kernel_fits() -> dict:
         cal[type_name(q)] = [t_matmul(tiny[q]), slope]
     w8 = big[8] if 8 in big else next(iter(big.values()))
     row = np.empty(cols, np.float32)
-    t = [_best(lambda: dequantize_row(w8.qtype, *w8.arrays(), 3, row), 300)] * 2
+    t = [_best(lambda: dequantize_row(w8, 3, row), 300)] * 2
     cal["embed"] = [t[0], 0.0]
 
     def fit_vec(fn_of_n, n1, n2, reps=300):

@@ -16,6 +16,7 @@ import numba as nb
 import numpy as np
 
 from edgert.kernels.quant import DOT, TILE, QMatrix, quantize_act_row
+from edgert.kernels.simd import matmul_rows
 
 TT = 4  # tokens per tile: weights of a block are reused TT times from L1
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -214,19 +215,23 @@ class ActBuffers:
 
     def __init__(self, T: int, K: int):
         self.xq = np.empty(T * K, np.float32)                 # [T, K]
+        self.x8 = np.empty(T * K, np.int8)                    # [T, K] (row-layout weights)
         self.xd = np.empty(T * max(K // 32, 1), np.float32)   # [T, K / A]
         self.xs = np.empty(T * max(K // 16, 1), np.float32)   # [T, K / S]
-        self.views = {}  # (T, K, A, S) -> (xq, xd, xs) views, made once
+        self.views = {}  # (T, K, A, S, layout) -> (xq, xd, xs) views, made once
 
 
 def quantize_for(w: QMatrix, x: np.ndarray, buf: ActBuffers):
-    """Quantise x [T, K] for weight w's dot type; returns (xq, xd, xs) views."""
+    """Quantise x [T, K] for weight w's dot type; returns (xq, xd, xs) views (xq: int8 for
+    row-layout weights, integer-valued float32 for tiled ones)."""
     act, S, A = DOT[w.qtype]
     T, K = x.shape
-    v = buf.views.get((T, K, A, S))
+    key = (T, K, A, S, w.layout)
+    v = buf.views.get(key)
     if v is None:
-        v = buf.views[(T, K, A, S)] = (buf.xq[:T * K].reshape(T, K), buf.xd[:T * (K // A)].reshape(T, K // A),
-                                       buf.xs[:T * (K // S)].reshape(T, K // S))
+        q = buf.x8 if w.layout == "rows" else buf.xq
+        v = buf.views[key] = (q[:T * K].reshape(T, K), buf.xd[:T * (K // A)].reshape(T, K // A),
+                              buf.xs[:T * (K // S)].reshape(T, K // S))
     xq, xd, xs = v
     (quantize_act if T >= TT else quantize_act_serial)(act, x, xq, xd, xs, S)
     return xq, xd, xs
@@ -243,7 +248,10 @@ def matmuls(x: np.ndarray, pairs, buf: ActBuffers):
     quantised once per distinct activation format (e.g. Q, K, V or gate and up together)."""
     done = None
     for w, out in pairs:
-        if done != DOT[w.qtype]:
+        if done != (DOT[w.qtype], w.layout):
             xq, xd, xs = quantize_for(w, x, buf)
-            done = DOT[w.qtype]
-        matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
+            done = (DOT[w.qtype], w.layout)
+        if w.layout == "rows":
+            matmul_rows(w.qtype, w.qs, w.qh, w.d, xq, xd, out, _THREADS[0])
+        else:
+            matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])

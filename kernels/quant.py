@@ -54,6 +54,7 @@ class QMatrix:
     sc: np.ndarray
     d: np.ndarray
     m: np.ndarray
+    layout: str = "tiles"  # or "rows" (kernels/simd.py: Q4_0 / Q5_0 / Q8_0 where the CPU has AVX2)
 
     @cached_property
     def nbytes(self) -> int:
@@ -61,6 +62,12 @@ class QMatrix:
 
     def arrays(self):
         return self.qs, self.qh, self.sc, self.d, self.m
+
+    def row_slice(self, r0: int, r1: int) -> "QMatrix":
+        """Rows r0:r1 (multiples of TILE, or r1 = rows) as a QMatrix of views."""
+        u = 1 if self.layout == "rows" else TILE
+        return QMatrix(self.qtype, r1 - r0, self.cols, *(a[r0 // u:-(-r1 // u)] for a in self.arrays()),
+                       self.layout)
 
 
 TILE = 64  # rows per tile
@@ -70,9 +77,20 @@ TILE = 64  # rows per tile
 REPACKED_BPB = {F32: 4, F16: 4, Q4_0: 20, Q4_1: 24, Q5_0: 24, Q8_0: 36, Q4_K: 152, Q6_K: 212}
 
 
-def repacked_nbytes(qtype: int, rows: int, cols: int) -> int:
-    """Resident bytes of a repacked [rows, cols] matrix (rows padded to whole tiles)."""
+ROW_TYPES = (Q4_0, Q5_0, Q8_0)  # types with a row layout for kernels/simd.py
+
+
+def layout_for(qtype: int) -> str:
+    """The layout a matrix of this type is repacked to on this machine."""
+    from edgert.kernels.simd import available
+    return "rows" if qtype in ROW_TYPES and available() else "tiles"
+
+
+def repacked_nbytes(qtype: int, rows: int, cols: int, layout: str | None = None) -> int:
+    """Resident bytes of a repacked [rows, cols] matrix (tiles: rows padded to whole tiles)."""
     epb, _ = BLOCK[qtype]
+    if (layout or layout_for(qtype)) == "rows":
+        return rows * (cols // epb) * REPACKED_BPB[qtype]
     return -(-rows // TILE) * TILE * (cols // epb) * REPACKED_BPB[qtype]
 
 
@@ -115,8 +133,25 @@ def _k4_scales(sc12: np.ndarray) -> np.ndarray:
     return out
 
 
-def repack(qtype: int, raw: np.ndarray, rows: int, cols: int) -> QMatrix:
-    """GGUF tensor bytes (uint8, rows * row_bytes) -> QMatrix. Lossless."""
+def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
+    """GGUF blocks [R, nb, bytes per block] of Q4_0 / Q5_0 / Q8_0 -> the row layout of simd.py:
+    quants and high bits as in the file, one row after another; scales as float32."""
+    e8 = np.zeros((rows, 0), np.uint8)
+    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)   # [R, nb]
+    qh = e8
+    if qtype == Q4_0:
+        qs = np.ascontiguousarray(b[:, :, 2:18]).reshape(rows, -1)                        # [R, nb * 16]
+    elif qtype == Q5_0:
+        qs = np.ascontiguousarray(b[:, :, 6:22]).reshape(rows, -1)                        # [R, nb * 16]
+        qh = np.ascontiguousarray(b[:, :, 2:6]).reshape(rows, -1)                         # [R, nb * 4]
+    else:
+        qs = np.ascontiguousarray(b[:, :, 2:34]).reshape(rows, -1).view(np.int8)          # [R, nb * 32]
+    return QMatrix(qtype, rows, cols, qs, qh, e8, d, np.zeros((rows, 0), np.float32), "rows")
+
+
+def repack(qtype: int, raw: np.ndarray, rows: int, cols: int, layout: str | None = None) -> QMatrix:
+    """GGUF tensor bytes (uint8, rows * row_bytes) -> QMatrix in `layout` (default: this
+    machine's, layout_for). Lossless."""
     if qtype not in BLOCK:
         raise ValueError(f"unsupported quant type {qtype}")
     epb, bpb = BLOCK[qtype]
@@ -126,6 +161,8 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int) -> QMatrix:
     raw = np.asarray(raw, dtype=np.uint8)
     if raw.size != rows * nb_ * bpb:
         raise ValueError(f"expected {rows * nb_ * bpb} bytes, got {raw.size}")
+    if (layout or layout_for(qtype)) == "rows":
+        return _repack_rows(qtype, raw.reshape(rows, nb_, bpb), rows, cols)
     nt = (rows + TILE - 1) // TILE
     e8 = np.zeros((nt, 0, TILE), np.uint8)
     ef = np.zeros((nt, 0, TILE), np.float32)
@@ -170,24 +207,25 @@ def mmap_chunks(raw: np.ndarray, qtype: int, rows: int, cols: int, chunk_rows: i
             release(r0 * rb, r1 * rb)
 
 
-def repack_chunked(qtype: int, rows: int, cols: int, chunks) -> QMatrix:
+def repack_chunked(qtype: int, rows: int, cols: int, chunks, layout: str | None = None) -> QMatrix:
     """repack() a tensor a few thousand rows at a time, from an iterator of (r0, r1, bytes)
     chunks in order (chunk starts a multiple of TILE), into the final arrays: loading a large
     matrix (an embedding table) needs only a small transient buffer."""
-    nt = -(-rows // TILE)
+    layout = layout or layout_for(qtype)
+    unit = 1 if layout == "rows" else TILE  # rows of the matrix per leading index of its arrays
     out = None
     for r0, r1, raw in chunks:
         assert r0 % TILE == 0
-        q = repack(qtype, raw, r1 - r0, cols)
+        q = repack(qtype, raw, r1 - r0, cols, layout)
         if out is None:
             if r1 == rows:  # one chunk: no copy
                 for _ in chunks:
                     pass
                 return q
-            out = [np.empty((nt,) + a.shape[1:], a.dtype) for a in q.arrays()]
+            out = [np.empty((-(-rows // unit),) + a.shape[1:], a.dtype) for a in q.arrays()]
         for o, a in zip(out, q.arrays()):
-            o[r0 // TILE:r0 // TILE + a.shape[0]] = a
-    return QMatrix(qtype, rows, cols, *out)
+            o[r0 // unit:r0 // unit + a.shape[0]] = a
+    return QMatrix(qtype, rows, cols, *out, layout)
 
 
 def expand_q5_0(q: QMatrix) -> QMatrix:
@@ -195,6 +233,17 @@ def expand_q5_0(q: QMatrix) -> QMatrix:
     stored byte - 128, the same scales): Q5_0's products then run in the faster Q8_0 loop, with
     the same activation format (Q8_0) and the same integer block sums (the float scaling may round
     differently in the last bit), for 1.5x the memory."""
+    if q.layout == "rows":
+        R, nb_ = q.d.shape
+        qs = q.qs.reshape(R, nb_, 16)
+        bits = np.unpackbits(q.qh.reshape(R, nb_, 4), axis=2, bitorder="little")  # [R, nb, 32]
+        val = np.empty((R, nb_, 32), np.uint8)
+        val[:, :, :16] = (qs & np.uint8(15)) | (bits[:, :, :16] << np.uint8(4))
+        val[:, :, 16:] = (qs >> np.uint8(4)) | (bits[:, :, 16:] << np.uint8(4))
+        val -= np.uint8(16)  # as int8: the value
+        e8 = np.zeros((R, 0), np.uint8)
+        return QMatrix(Q8_0, q.rows, q.cols, val.reshape(R, nb_ * 32).view(np.int8), e8, e8, q.d,
+                       np.zeros((R, 0), np.float32), "rows")
     nt, nbytes_, tile = q.qs.shape
     nb_ = nbytes_ // 16
     qs = q.qs.reshape(nt, nb_, 16, tile)
@@ -218,9 +267,38 @@ def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = CHUNK_ROWS) ->
 # Row dequantisation (Numba): one row, e.g. an embedding lookup; bit-exact with gguf-py
 # ============================================================================================
 
-@nb.njit(cache=True, nogil=True)
-def dequantize_row(qtype, qs, qh, sc, d, m, r, out):
+def dequantize_row(w: QMatrix, r: int, out: np.ndarray):
     """Row r of a QMatrix -> float32 out[C], bit-exact with gguf.quants.dequantize."""
+    if w.layout == "rows":
+        _dequantize_row_rows(w.qtype, w.qs, w.qh, w.d, r, out)
+    else:
+        _dequantize_row_tiles(w.qtype, *w.arrays(), r, out)
+
+
+@nb.njit(cache=True, nogil=True)
+def _dequantize_row_rows(qtype, qs, qh, d, r, out):
+    """dequantize_row for the row layout (Q4_0, Q5_0, Q8_0)."""
+    for b in range(out.shape[0] // 32):
+        db = d[r, b]
+        if qtype == 8:
+            for j in range(32):
+                out[32 * b + j] = db * np.float32(qs[r, 32 * b + j])
+            continue
+        off = np.float32(8.0) if qtype == 2 else np.float32(16.0)
+        for j in range(16):
+            v = qs[r, 16 * b + j]
+            lo = np.float32(v & 15)
+            hi = np.float32(v >> 4)
+            if qtype == 6:
+                lo += np.float32(16 * ((qh[r, 4 * b + j // 8] >> (j % 8)) & 1))
+                hi += np.float32(16 * ((qh[r, 4 * b + 2 + j // 8] >> (j % 8)) & 1))
+            out[32 * b + j] = db * (lo - off)
+            out[32 * b + 16 + j] = db * (hi - off)
+
+
+@nb.njit(cache=True, nogil=True)
+def _dequantize_row_tiles(qtype, qs, qh, sc, d, m, r, out):
+    """dequantize_row for the tiled layout."""
     C = out.shape[0]
     ti = r // TILE
     tr = r % TILE
@@ -282,7 +360,7 @@ def dequantize(w: QMatrix) -> np.ndarray:
     """The whole matrix as float32 [rows, cols] (tests and tools only; never in the decode loop)."""
     out = np.empty((w.rows, w.cols), np.float32)
     for r in range(w.rows):
-        dequantize_row(w.qtype, *w.arrays(), r, out[r])
+        dequantize_row(w, r, out[r])
     return out
 
 

@@ -46,7 +46,7 @@ def test_plan_equals_allocations(tiny_models, expand_q5):
         assert got["weights"] == m.plan["weights"], arch
         assert got["kv cache"] == m.plan["kv cache"] == m.k_cache.nbytes + m.v_cache.nbytes
         bufs = [m.x, m.xn, m.q, m.k, m.v, m.att, m.o, m.gate, m.up]
-        acts = [a for ab in (m.act_e, m.act_q) for a in (ab.xq, ab.xd, ab.xs)]
+        acts = [a for ab in (m.act_e, m.act_q) for a in (ab.xq, ab.x8, ab.xd, ab.xs)]
         logits_row = m.cfg.n_vocab * 4
         assert got["scratch"] == sum(a.nbytes for a in bufs + acts) + logits_row, arch
         assert "load staging" not in got  # released after loading

@@ -6,10 +6,20 @@ import pytest
 
 from edgert.converters.tiny import random_blocks
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls, quantize_for
-from edgert.kernels.quant import (DOT, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPE_NAMES,
+from edgert.kernels.quant import (DOT, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, ROW_TYPES, TYPE_NAMES,
                                   dequantize, mmap_chunks, repack, repack_chunked, repacked_nbytes, round_f16)
+from edgert.kernels.simd import available
 
 ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K]
+# (qtype, layout): every type tiled, and the row layout of kernels/simd.py where this CPU runs it
+CASES = [(t, "tiles") for t in ALL] + [(t, "rows") for t in ROW_TYPES]
+CASE_IDS = [f"{TYPE_NAMES[t]}-{lay}" for t, lay in CASES]
+
+
+@pytest.fixture(autouse=True)
+def _needs_simd(request):
+    if "layout" in request.fixturenames and request.getfixturevalue("layout") == "rows" and not available():
+        pytest.skip("row-layout kernels need an x86 CPU with AVX2 and the JIT")
 
 
 def _raw(qtype, rows, cols, rng):
@@ -17,27 +27,28 @@ def _raw(qtype, rows, cols, rng):
     return data, np.ascontiguousarray(data).view(np.uint8).reshape(-1)
 
 
-@pytest.mark.parametrize("qtype", ALL, ids=[TYPE_NAMES[t] for t in ALL])
-def test_dequantize_bit_exact_vs_gguf(qtype, rng):
+@pytest.mark.parametrize("qtype,layout", CASES, ids=CASE_IDS)
+def test_dequantize_bit_exact_vs_gguf(qtype, layout, rng):
     rows, cols = 7, 512
     data, raw = _raw(qtype, rows, cols, rng)
     ref = gguf.quants.dequantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType(qtype)).reshape(rows, cols)
-    got = dequantize(repack(qtype, raw, rows, cols))
+    got = dequantize(repack(qtype, raw, rows, cols, layout))
     assert np.array_equal(got.view(np.uint32), ref.astype(np.float32).view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", ALL, ids=[TYPE_NAMES[t] for t in ALL])
-def test_chunked_repack_equals_repack_and_planned_size(qtype, rng):
+@pytest.mark.parametrize("qtype,layout", CASES, ids=CASE_IDS)
+def test_chunked_repack_equals_repack_and_planned_size(qtype, layout, rng):
     rows, cols = 300, 256  # 300 rows: chunks of 128 leave a partial last chunk and tile
     _, raw = _raw(qtype, rows, cols, rng)
     released = []
-    whole = repack(qtype, raw, rows, cols)
+    whole = repack(qtype, raw, rows, cols, layout)
     chunks = mmap_chunks(raw, qtype, rows, cols, chunk_rows=128, release=lambda lo, hi: released.append((lo, hi)))
-    parts = repack_chunked(qtype, rows, cols, chunks)
+    parts = repack_chunked(qtype, rows, cols, chunks, layout)
+    assert parts.layout == whole.layout == layout
     for a, b in zip(whole.arrays(), parts.arrays()):
         assert a.shape == b.shape and np.array_equal(a, b)
     assert released[0][0] == 0 and released[-1][1] == raw.size and len(released) == 3
-    assert whole.nbytes == repacked_nbytes(qtype, rows, cols)
+    assert whole.nbytes == repacked_nbytes(qtype, rows, cols, layout)
 
 
 def test_repack_rejects_bad_sizes(rng):
@@ -95,12 +106,13 @@ def test_activation_quantisation_matches_llama_cpp_reference(qtype, rng):
             assert np.array_equal(xs[t], s)
 
 
-@pytest.mark.parametrize("qtype", ALL, ids=[TYPE_NAMES[t] for t in ALL])
-@pytest.mark.parametrize("T", [1, 3, 9])
-def test_matmul_vs_naive(qtype, T, rng):
-    """Kernel = dequantised weights @ dequantised activations (float64), up to float32 rounding."""
+@pytest.mark.parametrize("qtype,layout", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("T", [1, 3, 9, 70])
+def test_matmul_vs_naive(qtype, layout, T, rng):
+    """Kernel = dequantised weights @ dequantised activations (float64), up to float32 rounding.
+    T = 70 crosses the row-layout kernel's 64-token groups and its 4-token calls."""
     R, C = 37, 512
-    w = repack(qtype, _raw(qtype, R, C, rng)[1], R, C)
+    w = repack(qtype, _raw(qtype, R, C, rng)[1], R, C, layout)
     x = rng.standard_normal((T, C)).astype(np.float32)
     buf = ActBuffers(T, C)
     out = np.empty((T, R), np.float32)
@@ -158,11 +170,12 @@ def test_f16_bits_every_half_and_halfway_cases(rng):
     assert np.array_equal(vals.view(np.uint32), ref.astype(np.float32).view(np.uint32))
 
 
-def test_q5_0_expanded_to_q8_0_gives_the_same_products(rng):
+@pytest.mark.parametrize("layout", ["tiles", "rows"])
+def test_q5_0_expanded_to_q8_0_gives_the_same_products(layout, rng):
     from edgert.kernels.quant import expand_q5_0
     rows, cols = 130, 512
     _, raw = _raw(Q5_0, rows, cols, rng)
-    w5 = repack(Q5_0, raw, rows, cols)
+    w5 = repack(Q5_0, raw, rows, cols, layout)
     w8 = expand_q5_0(w5)
     assert w8.qtype == Q8_0 and DOT[Q8_0] == DOT[Q5_0]
     assert np.array_equal(dequantize(w8), dequantize(w5))
@@ -174,3 +187,20 @@ def test_q5_0_expanded_to_q8_0_gives_the_same_products(rng):
         # the integer block sums are equal; the two loops' float scaling may round differently
         # (fast-math lets LLVM fuse or reorder it per loop): at most an ulp or two
         assert np.max(np.abs(y5 - y8)) <= 4 * np.finfo(np.float32).eps * np.max(np.abs(y5))
+        if layout == "rows":  # one IR routine for both: the same integer lanes, the same float steps
+            assert np.array_equal(y5, y8)
+
+
+@pytest.mark.parametrize("qtype", ROW_TYPES, ids=[TYPE_NAMES[t] for t in ROW_TYPES])
+def test_row_and_tile_layouts_agree(qtype, rng):
+    if not available():
+        pytest.skip("row-layout kernels need an x86 CPU with AVX2 and the JIT")
+    R, C, T = 100, 1024, 5
+    _, raw = _raw(qtype, R, C, rng)
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    ys = []
+    for layout in ("tiles", "rows"):
+        y = np.empty((T, R), np.float32)
+        matmul(repack(qtype, raw, R, C, layout), x, y, ActBuffers(T, C))
+        ys.append(y)
+    assert np.max(np.abs(ys[0] - ys[1])) <= 8 * np.finfo(np.float32).eps * np.max(np.abs(ys[0]))
