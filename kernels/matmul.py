@@ -252,6 +252,6 @@ def matmuls(x: np.ndarray, pairs, buf: ActBuffers):
             xq, xd, xs = quantize_for(w, x, buf)
             done = (DOT[w.qtype], w.layout)
         if w.layout == "rows":
-            matmul_rows(w.qtype, w.qs, w.qh, w.d, xq, xd, out, _THREADS[0])
+            matmul_rows(w.qtype, w.qs, w.qh, w.d, w.m, xq, xd, xs, out, _THREADS[0])
         else:
             matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])

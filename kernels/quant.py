@@ -77,7 +77,7 @@ TILE = 64  # rows per tile
 REPACKED_BPB = {F32: 4, F16: 4, Q4_0: 20, Q4_1: 24, Q5_0: 24, Q8_0: 36, Q4_K: 152, Q6_K: 212}
 
 
-ROW_TYPES = (Q4_0, Q5_0, Q8_0)  # types with a row layout for kernels/simd.py
+ROW_TYPES = (Q4_0, Q4_1, Q5_0, Q8_0)  # types with a row layout for kernels/simd.py
 
 
 def layout_for(qtype: int) -> str:
@@ -134,19 +134,24 @@ def _k4_scales(sc12: np.ndarray) -> np.ndarray:
 
 
 def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
-    """GGUF blocks [R, nb, bytes per block] of Q4_0 / Q5_0 / Q8_0 -> the row layout of simd.py:
-    quants and high bits as in the file, one row after another; scales as float32."""
+    """GGUF blocks [R, nb, bytes per block] of Q4_0 / Q4_1 / Q5_0 / Q8_0 -> the row layout of
+    simd.py: quants and high bits as in the file, one row after another; scales (and Q4_1's
+    minimums) as float32."""
     e8 = np.zeros((rows, 0), np.uint8)
     d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)   # [R, nb]
+    m = np.zeros((rows, 0), np.float32)
     qh = e8
-    if qtype == Q4_0:
+    if qtype == Q4_1:
+        qs = np.ascontiguousarray(b[:, :, 4:20]).reshape(rows, -1)                        # [R, nb * 16]
+        m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
+    elif qtype == Q4_0:
         qs = np.ascontiguousarray(b[:, :, 2:18]).reshape(rows, -1)                        # [R, nb * 16]
     elif qtype == Q5_0:
         qs = np.ascontiguousarray(b[:, :, 6:22]).reshape(rows, -1)                        # [R, nb * 16]
         qh = np.ascontiguousarray(b[:, :, 2:6]).reshape(rows, -1)                         # [R, nb * 4]
     else:
         qs = np.ascontiguousarray(b[:, :, 2:34]).reshape(rows, -1).view(np.int8)          # [R, nb * 32]
-    return QMatrix(qtype, rows, cols, qs, qh, e8, d, np.zeros((rows, 0), np.float32), "rows")
+    return QMatrix(qtype, rows, cols, qs, qh, e8, d, m, "rows")
 
 
 def repack(qtype: int, raw: np.ndarray, rows: int, cols: int, layout: str | None = None) -> QMatrix:
@@ -270,21 +275,21 @@ def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = CHUNK_ROWS) ->
 def dequantize_row(w: QMatrix, r: int, out: np.ndarray):
     """Row r of a QMatrix -> float32 out[C], bit-exact with gguf.quants.dequantize."""
     if w.layout == "rows":
-        _dequantize_row_rows(w.qtype, w.qs, w.qh, w.d, r, out)
+        _dequantize_row_rows(w.qtype, w.qs, w.qh, w.d, w.m, r, out)
     else:
         _dequantize_row_tiles(w.qtype, *w.arrays(), r, out)
 
 
 @nb.njit(cache=True, nogil=True)
-def _dequantize_row_rows(qtype, qs, qh, d, r, out):
-    """dequantize_row for the row layout (Q4_0, Q5_0, Q8_0)."""
+def _dequantize_row_rows(qtype, qs, qh, d, m, r, out):
+    """dequantize_row for the row layout (Q4_0, Q4_1, Q5_0, Q8_0)."""
     for b in range(out.shape[0] // 32):
         db = d[r, b]
         if qtype == 8:
             for j in range(32):
                 out[32 * b + j] = db * np.float32(qs[r, 32 * b + j])
             continue
-        off = np.float32(8.0) if qtype == 2 else np.float32(16.0)
+        off = np.float32(8.0) if qtype == 2 else np.float32(16.0)  # (Q4_1: no offset, a minimum)
         for j in range(16):
             v = qs[r, 16 * b + j]
             lo = np.float32(v & 15)
@@ -292,8 +297,12 @@ def _dequantize_row_rows(qtype, qs, qh, d, r, out):
             if qtype == 6:
                 lo += np.float32(16 * ((qh[r, 4 * b + j // 8] >> (j % 8)) & 1))
                 hi += np.float32(16 * ((qh[r, 4 * b + 2 + j // 8] >> (j % 8)) & 1))
-            out[32 * b + j] = db * (lo - off)
-            out[32 * b + 16 + j] = db * (hi - off)
+            if qtype == 3:
+                out[32 * b + j] = db * lo + m[r, b]
+                out[32 * b + 16 + j] = db * hi + m[r, b]
+            else:
+                out[32 * b + j] = db * (lo - off)
+                out[32 * b + 16 + j] = db * (hi - off)
 
 
 @nb.njit(cache=True, nogil=True)

@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-Q4_0, Q5_0, Q8_0 = 2, 6, 8
+Q4_0, Q4_1, Q5_0, Q8_0 = 2, 3, 6, 8
 NT_MAX = 4  # activation rows per call
 
 _UNPACK = {
@@ -44,6 +44,13 @@ _UNPACK = {
   %hi = lshr <16 x i8> %q16, splat (i8 4)
   %cat = shufflevector <16 x i8> %lo, <16 x i8> %hi, <32 x i32> {seq32}
   %wx = sub <32 x i8> %cat, splat (i8 8)
+""",
+    Q4_1: """
+  %qp = getelementptr inbounds i8, ptr %qs, i64 %b16
+  %q16 = load <16 x i8>, ptr %qp, align 1
+  %lo = and <16 x i8> %q16, splat (i8 15)
+  %hi = lshr <16 x i8> %q16, splat (i8 4)
+  %wx = shufflevector <16 x i8> %lo, <16 x i8> %hi, <32 x i32> {seq32}
 """,
     Q5_0: """
   %qp = getelementptr inbounds i8, ptr %qs, i64 %b16
@@ -66,8 +73,7 @@ _UNPACK = {
 _TOKEN = """
   %xp{t} = getelementptr inbounds i8, ptr %x, i64 %xo{t}
   %xv{t} = load <32 x i8>, ptr %xp{t}, align 1
-  %sy{t} = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %xv{t}, <32 x i8> %wx)
-  %p16{t} = call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> %ax, <32 x i8> %sy{t})
+{sign}  %p16{t} = call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> %ax, <32 x i8> %sy{t})
   %p32{t} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> splat (i16 1), <16 x i16> %p16{t})
   %qf{t} = sitofp <8 x i32> %p32{t} to <8 x float>
   %dxp{t} = getelementptr inbounds float, ptr %xd, i64 %dxo{t}
@@ -76,8 +82,20 @@ _TOKEN = """
   %ddi{t} = insertelement <8 x float> poison, float %dd{t}, i64 0
   %ddv{t} = shufflevector <8 x float> %ddi{t}, <8 x float> poison, <8 x i32> zeroinitializer
   %acc{t}n = call <8 x float> @llvm.fma.v8f32(<8 x float> %ddv{t}, <8 x float> %qf{t}, <8 x float> %acc{t})
+{minterm}
   %xo{t}n = add i64 %xo{t}, 32
   %dxo{t}n = add i64 %dxo{t}, 1
+"""
+# signed weights: |w| * sign(x, w) (vpmaddubsw multiplies unsigned by signed bytes)
+_SIGN = """  %sy{t} = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %xv{t}, <32 x i8> %wx)
+"""
+_UNSIGNED = """  %sy{t} = or <32 x i8> %xv{t}, zeroinitializer
+"""
+# Q4_1: the weights are unsigned nibbles; the block's minimum times the activation block's
+# stored d * sum(q), summed apart (llama.cpp's `summs`) and added after the horizontal sum
+_MIN = """  %xsp{t} = getelementptr inbounds float, ptr %xs, i64 %dxo{t}
+  %xsv{t} = load float, ptr %xsp{t}, align 4
+  %sm{t}n = call float @llvm.fma.f32(float %mw, float %xsv{t}, float %sm{t})
 """
 
 _HSUM = """
@@ -88,9 +106,9 @@ _HSUM = """
   %h{t}e = fadd <4 x float> %h{t}c, %h{t}d
   %h{t}f = extractelement <4 x float> %h{t}e, i64 0
   %h{t}g = extractelement <4 x float> %h{t}e, i64 1
-  %h{t}s = fadd float %h{t}f, %h{t}g
+  %h{t}s = fadd float %h{t}f, %h{t}g{addmin}
   %op{t} = getelementptr inbounds float, ptr %out, i64 {oofs}
-  store float %h{t}s, ptr %op{t}, align 4
+  store float %h{t}r, ptr %op{t}, align 4
 """
 
 
@@ -99,33 +117,44 @@ def fn_name(qtype: int, nt: int) -> str:
 
 
 def ir_text(qtype: int, nt: int) -> str:
-    """IR of `void fn(qs, qh, d, x, xd, nb, xstride, xdstride, out, ostride)` (addresses as i64):
-    out[t * ostride] = sum over blocks b of d[b] * xd[t * xdstride + b] * (w_b . x[t * xstride + 32 b:])."""
+    """IR of `void fn(qs, qh, d, m, x, xd, xs, nb, xstride, xdstride, out, ostride)` (addresses
+    as i64): out[t * ostride] = sum over blocks b of d[b] * xd[t, b] * (w_b . x[t, 32 b:]) (+ m[b] *
+    xs[t, b] for Q4_1), with x[t] at x + t * xstride and xd[t], xs[t] at t * xdstride floats."""
+    signed = qtype != Q4_1
     seq32 = "<" + ", ".join(f"i32 {i}" for i in range(32)) + ">"
     ts = range(nt)
     phis = "\n".join(
         f"  %acc{t} = phi <8 x float> [zeroinitializer, %entry], [%acc{t}n, %loop]\n"
         f"  %xo{t} = phi i64 [%xo{t}0, %entry], [%xo{t}n, %loop]\n"
-        f"  %dxo{t} = phi i64 [%dxo{t}0, %entry], [%dxo{t}n, %loop]" for t in ts)
+        f"  %dxo{t} = phi i64 [%dxo{t}0, %entry], [%dxo{t}n, %loop]"
+        + ("" if signed else f"\n  %sm{t} = phi float [0.0, %entry], [%sm{t}n, %loop]") for t in ts)
     starts = "\n".join(f"  %xo{t}0 = mul i64 %xstride, {t}\n  %dxo{t}0 = mul i64 %xdstride, {t}" for t in ts)
-    body = "".join(_TOKEN.format(t=t) for t in ts)
+    body = "".join(_TOKEN.format(t=t, sign=(_SIGN if signed else _UNSIGNED).format(t=t),
+                                  minterm="" if signed else _MIN.format(t=t)) for t in ts)
     # the ostride multiple of the token index
-    hsum = "".join(_HSUM.format(t=t, oofs=f"%oo{t}") for t in ts)
+    hsum = "".join(_HSUM.format(t=t, oofs=f"%oo{t}", addmin=(
+        f"\n  %h{t}r = fadd float %h{t}s, %sm{t}n" if not signed else f"\n  %h{t}r = fadd float %h{t}s, -0.0")) for t in ts)
     oofs = "\n".join(f"  %oo{t} = mul i64 %ostride, {t}" for t in ts)
+    absw = ("  %ax = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %wx, <32 x i8> %wx)" if signed else
+            "  %ax = or <32 x i8> %wx, zeroinitializer")
+    loadm = "" if signed else "  %mw = load float, ptr %mwp, align 4"
     return f"""
 declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
+declare float @llvm.fma.f32(float, float, float)
 
-define void @{fn_name(qtype, nt)}(i64 %qs_a, i64 %qh_a, i64 %d_a, i64 %x_a, i64 %xd_a, i64 %nb,
+define void @{fn_name(qtype, nt)}(i64 %qs_a, i64 %qh_a, i64 %d_a, i64 %m_a, i64 %x_a, i64 %xd_a, i64 %xs_a, i64 %nb,
     i64 %xstride, i64 %xdstride, i64 %out_a, i64 %ostride) alwaysinline {{
 entry:
   %qs = inttoptr i64 %qs_a to ptr
   %qh = inttoptr i64 %qh_a to ptr
   %d = inttoptr i64 %d_a to ptr
+  %m = inttoptr i64 %m_a to ptr
   %x = inttoptr i64 %x_a to ptr
   %xd = inttoptr i64 %xd_a to ptr
+  %xs = inttoptr i64 %xs_a to ptr
   %out = inttoptr i64 %out_a to ptr
 {starts}
   br label %loop
@@ -136,9 +165,11 @@ loop:
   %b16 = shl i64 %b, 4
   %b32 = shl i64 %b, 5
 {_UNPACK[qtype].format(seq32=seq32)}
-  %ax = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %wx, <32 x i8> %wx)
+{absw}
   %dwp = getelementptr inbounds float, ptr %d, i64 %b
   %dw = load float, ptr %dwp, align 4
+  %mwp = getelementptr inbounds float, ptr %m, i64 %b
+{loadm}
 {body}
   %b1 = add i64 %b, 1
   %more = icmp ult i64 %b1, %nb
@@ -172,12 +203,12 @@ def _library(context, qtype, nt):
 
 def _make(qtype: int, nt: int):
     @intrinsic
-    def vecdot(typingctx, qs, qh, d, x, xd, nblk, xstride, xdstride, out, ostride):
-        sig = types.void(*([types.int64] * 10))
+    def vecdot(typingctx, qs, qh, d, m, x, xd, xs, nblk, xstride, xdstride, out, ostride):
+        sig = types.void(*([types.int64] * 12))
 
         def codegen(context, builder, signature, args):
             context.add_linking_libs([_library(context, qtype, nt)])
-            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 10)
+            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 12)
             fn = cgutils.get_or_insert_function(builder.module, fnty, fn_name(qtype, nt))
             builder.call(fn, args)
             return context.get_dummy_value()
@@ -186,21 +217,47 @@ def _make(qtype: int, nt: int):
 
 
 vecdot_q4_0_1, vecdot_q4_0_4 = _make(Q4_0, 1), _make(Q4_0, 4)
+vecdot_q4_1_1, vecdot_q4_1_4 = _make(Q4_1, 1), _make(Q4_1, 4)
 vecdot_q5_0_1, vecdot_q5_0_4 = _make(Q5_0, 1), _make(Q5_0, 4)
 vecdot_q8_0_1, vecdot_q8_0_4 = _make(Q8_0, 1), _make(Q8_0, 4)
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _dot(qtype, nt, pq, ph, pd, pm, px, pxd, pxs, nblk, xs, ds, po, os_):
+    """One weight row against nt (1 or 4) activation rows, by type."""
+    a = (pq, ph, pd, pm, px, pxd, pxs, nblk, xs, ds, po, os_)
+    if nt == 4:
+        if qtype == 6:
+            vecdot_q5_0_4(*a)
+        elif qtype == 8:
+            vecdot_q8_0_4(*a)
+        elif qtype == 3:
+            vecdot_q4_1_4(*a)
+        else:
+            vecdot_q4_0_4(*a)
+    elif qtype == 6:
+        vecdot_q5_0_1(*a)
+    elif qtype == 8:
+        vecdot_q8_0_1(*a)
+    elif qtype == 3:
+        vecdot_q4_1_1(*a)
+    else:
+        vecdot_q4_0_1(*a)
+
+
 @nb.njit(cache=True, parallel=True, nogil=True)
-def matmul_rows(qtype, qs, qh, d, x8, xd, out, nthreads):
-    """out[T, R] = X @ W.T for a row-layout Q4_0 / Q5_0 / Q8_0 matrix W and Q8_0 activations
-    x8 [T, C] int8, xd [T, C / 32] float32. Each thread takes a contiguous run of rows; for
-    prefill, rows are visited in groups of 16 against 64 tokens at a time, so that both the
-    group's weights and the tokens' activations stay in cache."""
+def matmul_rows(qtype, qs, qh, d, m, x8, xd, xsum, out, nthreads):
+    """out[T, R] = X @ W.T for a row-layout Q4_0 / Q4_1 / Q5_0 / Q8_0 matrix W and its activation
+    format: x8 [T, C] int8, xd [T, C / 32] float32 scales (Q4_1: xsum [T, C / 32], d * sum(q)).
+    Each thread takes a contiguous run of rows; for prefill, rows are visited in groups of 16
+    against 64 tokens at a time, so that the group's weights and the tokens' activations both
+    stay in cache, and each call takes 4 tokens (a block's weights unpacked once for four)."""
     R, nblk = d.shape
     T = x8.shape[0]
     xs = x8.strides[0]
     ds = xd.strides[0] // 4
     os_ = out.strides[0] // 4
+    pm0 = m.ctypes.data if m.shape[1] else d.ctypes.data  # no minimums: never read
     chunk = (R + nthreads - 1) // nthreads
     for c in nb.prange(nthreads):
         r_lo = c * chunk
@@ -212,26 +269,10 @@ def matmul_rows(qtype, qs, qh, d, x8, xd, out, nthreads):
                     pq = qs.ctypes.data + r * qs.strides[0]
                     ph = qh.ctypes.data + r * qh.strides[0]
                     pd = d.ctypes.data + r * d.strides[0]
+                    pm = pm0 + r * m.strides[0]
                     t = t0
-                    while t + 4 <= t_hi:
-                        px = x8.ctypes.data + t * xs
-                        pxd = xd.ctypes.data + t * xd.strides[0]
-                        po = out.ctypes.data + (t * os_ + r) * 4
-                        if qtype == 6:
-                            vecdot_q5_0_4(pq, ph, pd, px, pxd, nblk, xs, ds, po, os_)
-                        elif qtype == 8:
-                            vecdot_q8_0_4(pq, ph, pd, px, pxd, nblk, xs, ds, po, os_)
-                        else:
-                            vecdot_q4_0_4(pq, ph, pd, px, pxd, nblk, xs, ds, po, os_)
-                        t += 4
                     while t < t_hi:
-                        px = x8.ctypes.data + t * xs
-                        pxd = xd.ctypes.data + t * xd.strides[0]
-                        po = out.ctypes.data + (t * os_ + r) * 4
-                        if qtype == 6:
-                            vecdot_q5_0_1(pq, ph, pd, px, pxd, nblk, xs, ds, po, os_)
-                        elif qtype == 8:
-                            vecdot_q8_0_1(pq, ph, pd, px, pxd, nblk, xs, ds, po, os_)
-                        else:
-                            vecdot_q4_0_1(pq, ph, pd, px, pxd, nblk, xs, ds, po, os_)
-                        t += 1
+                        nt = 4 if t + 4 <= t_hi else 1
+                        _dot(qtype, nt, pq, ph, pd, pm, x8.ctypes.data + t * xs, xd.ctypes.data + t * ds * 4,
+                             xsum.ctypes.data + t * ds * 4, nblk, xs, ds, out.ctypes.data + (t * os_ + r) * 4, os_)
+                        t += nt

@@ -123,7 +123,7 @@ def test_matmul_vs_naive(qtype, layout, T, rng):
     ref = xdeq @ dequantize(w).astype(np.float64).T
     if qtype == Q4_1:  # the min term uses llama.cpp's stored s = fp16(d * sum(q)), not xd * sum(q)
         xsum = xdeq.reshape(T, -1, 32).sum(2)                    # [T, nb]
-        m_rows = w.m.transpose(1, 0, 2).reshape(w.m.shape[1], -1)[:, :R]  # [nb, R]
+        m_rows = (w.m.T if layout == "rows" else w.m.transpose(1, 0, 2).reshape(w.m.shape[1], -1)[:, :R])  # [nb, R]
         ref += (xs.astype(np.float64) - xsum) @ m_rows.astype(np.float64)
     assert np.allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     # and the activation quantisation itself is close to the float product
