@@ -65,13 +65,17 @@ def load(args):
     setup_threads(device_threads(args))
     path = model_path(args.model)
     budget = budget_from_args(getattr(args, "mem_budget", None), getattr(args, "device", None))
+    made = []
+
+    def make_tokenizer(g):  # before the weights: its build's transient memory peaks below theirs
+        tok, nbytes = measured(lambda: Tokenizer(g.metadata, path))
+        budget.charge("tokenizer", nbytes, "tokenizer")
+        made.append(tok)
     model = Model(path, n_ctx=getattr(args, "ctx_size", 0), n_batch=getattr(args, "batch_size", 512),
                   budget=budget, direct_io=getattr(args, "direct_io", False),
                   throttle=getattr(args, "throttle", None), tracer=getattr(args, "tracer", None),
-                  expand_q5=getattr(args, "expand_q5", False))
-    tok, nbytes = measured(lambda: Tokenizer(model.gguf.metadata, path))
-    budget.charge("tokenizer", nbytes, "tokenizer")
-    return model, tok
+                  expand_q5=getattr(args, "expand_q5", False), before_weights=make_tokenizer)
+    return model, made[0]
 
 
 def setup_logging():

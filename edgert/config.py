@@ -92,9 +92,9 @@ def config_from_gguf(g) -> ModelConfig:
         raise EdgertError(f"{g.path}: invalid head dimension {head_dim}")
     emb = g.tensor("token_embd.weight")
     n_vocab = emb.rows
-    tokens = g.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens) != n_vocab:
-        raise EdgertError(f"{g.path}: vocabulary has {len(tokens)} tokens, embedding has {n_vocab} rows")
+    n_tokens = g.metadata.length("tokenizer.ggml.tokens")
+    if n_tokens is not None and n_tokens != n_vocab:
+        raise EdgertError(f"{g.path}: vocabulary has {n_tokens} tokens, embedding has {n_vocab} rows")
     swa_window = int(g.get(f"{arch}.attention.sliding_window", 0) or 0) if a.get("swa_pattern") else 0
     pattern = a.get("swa_pattern", 0)
     swa_layers = tuple(bool(swa_window and pattern and (il % pattern < pattern - 1)) for il in range(n_layer))

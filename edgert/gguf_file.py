@@ -160,6 +160,43 @@ _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.i
        7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 
+LAZY_ITEMS = 4096  # arrays longer than this (vocabularies, merges, scores) stay in the file
+
+
+class LazyArray:
+    """A long metadata array, validated but left in the file until asked for (through Metadata):
+    a model needs its vocabulary only when a tokenizer is built, and the merges only while it is
+    being built. Each access parses the array afresh; nothing is kept here."""
+
+    def __init__(self, path: str, pos: int, etype: int, count: int, key: str):
+        self.path, self.pos, self.etype, self.count, self.key = path, pos, etype, count, key
+
+    def __len__(self):
+        return self.count
+
+    def load(self) -> list:
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            c = _Cursor(mm, self.path, size)
+            c.pos = self.pos
+            return c.items(self.etype, self.count, self.key)
+
+
+class Metadata(dict):
+    """GGUF metadata by key; long arrays (LazyArray) are read from the file when looked up."""
+
+    def __getitem__(self, key):
+        v = dict.__getitem__(self, key)
+        return v.load() if isinstance(v, LazyArray) else v
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def length(self, key):
+        """len() of an array value without reading it (None when absent)."""
+        return len(dict.__getitem__(self, key)) if key in self else None
+
+
 class _Cursor:
     def __init__(self, mm, path, size):
         self.mm, self.path, self.size, self.pos = mm, path, size, 0
@@ -190,16 +227,37 @@ class _Cursor:
         if vtype == 9:
             etype = self.unpack("<I", what)
             count = self.unpack("<Q", what)
-            if etype in _NP:
-                n = count * np.dtype(_NP[etype]).itemsize
-                self.need(n, what)
-                arr = np.frombuffer(self.mm, _NP[etype], count, self.pos)
-                self.pos += n
-                return arr.tolist()
-            if count > self.size:
-                raise EdgertError(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
-            return [self.value(etype, what) for _ in range(count)]
+            if count > LAZY_ITEMS and (etype in _NP or etype == 8):
+                start = self.pos
+                self.skip(etype, count, what)
+                return LazyArray(self.path, start, etype, count, what)
+            return self.items(etype, count, what)
         raise EdgertError(f"{self.path}: corrupt GGUF: unknown value type {vtype} for '{what}'")
+
+    def items(self, etype, count, what) -> list:
+        if etype in _NP:
+            n = count * np.dtype(_NP[etype]).itemsize
+            self.need(n, what)
+            arr = np.frombuffer(self.mm, _NP[etype], count, self.pos)
+            self.pos += n
+            return arr.tolist()
+        if count > self.size:
+            raise EdgertError(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
+        return [self.value(etype, what) for _ in range(count)]
+
+    def skip(self, etype, count, what):
+        """Move past an array of `count` items, checking every length on the way."""
+        if etype in _NP:
+            n = count * np.dtype(_NP[etype]).itemsize
+            self.need(n, what)
+            self.pos += n
+            return
+        if count > self.size:
+            raise EdgertError(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
+        for _ in range(count):
+            n = self.unpack("<Q", what)
+            self.need(n, what)
+            self.pos += n
 
 
 def _parse(mm, path, size):
@@ -210,7 +268,7 @@ def _parse(mm, path, size):
     n_kv = c.unpack("<Q", "header")
     if n_tensors > size or n_kv > size:
         raise EdgertError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
-    meta = {}
+    meta = Metadata()
     for _ in range(n_kv):
         key = c.string("metadata key")
         meta[key] = c.value(c.unpack("<I", key), key)

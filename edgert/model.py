@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from edgert import residency
 from edgert.budget import MemoryBudget, kv_bytes, measured, plan_model, scratch_bytes
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
@@ -26,6 +27,7 @@ from edgert.kernels.quant import QMatrix, dequantize_row
 from edgert.kernels.rope import rope, theta_scale
 
 log = logging.getLogger(__name__)
+_JIT_SETTLED = []  # non-empty once a forward pass has run in this process
 
 
 @dataclass
@@ -102,12 +104,18 @@ class Model:
     """A loaded model with its KV cache. Positions are absolute; `n_past` tokens are cached."""
 
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, budget: MemoryBudget | None = None,
-                 direct_io: bool = False, throttle=None, tracer=None, expand_q5: bool | None = None):
+                 direct_io: bool = False, throttle=None, tracer=None, expand_q5: bool | None = None,
+                 before_weights=None):
         """Load `path` (GGUF). Matrices are read through a FlashReader (O_DIRECT with direct_io,
         else buffered; `throttle` a FlashCurve imposing a device's flash); `tracer` records the
         load's reads and, attached, every op; expand_q5 holds Q5_0 matrices as 8-bit (faster,
-        1.5x their memory; default: EDGERT_EXPAND_Q5)."""
+        1.5x their memory; default: EDGERT_EXPAND_Q5). before_weights(gguf_file) runs once the plan
+        fits the budget and before any weight is read (the app builds its tokenizer there, so the
+        tokenizer's transient memory peaks before the weights are resident, not on top of them)."""
         t0 = time.perf_counter()
+        if residency.enabled():  # kernels first, then the compiler's pages out, then the weights
+            residency.preload_kernels()
+            residency.release_compiler_pages()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
         g.reader = FlashReader(self.path, direct=direct_io, io_threads=2, throttle=throttle, tracer=tracer)
@@ -122,6 +130,8 @@ class Model:
             budget.require(self.plan, self.path)
             budget.charge("metadata", meta_bytes, "metadata")
             budget.charge("load staging", self.plan["load staging"], "load staging")
+        if before_weights is not None:
+            before_weights(g)
         t_read = time.perf_counter()
         try:
             self.tok_embd, self.output_norm, self.output, self.layers = load_weights(g, c)
@@ -225,6 +235,10 @@ class Model:
                 outs.append(self._logits(x))
             elif last:
                 outs.append(self._logits(x[-1:]))
+        if not _JIT_SETTLED and residency.enabled():
+            # the process's first pass may have compiled kernels the cache lacked (a fresh machine)
+            _JIT_SETTLED.append(True)
+            residency.release_compiler_pages()
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def prefill(self, tokens) -> np.ndarray:

@@ -108,3 +108,25 @@ def test_unsupported_quant_type(tiny_models, tmp_path):
     from edgert.model import Model
     with pytest.raises(EdgertError, match=r"q\.gguf: tensor 'blk\.0\.attn_q\.weight' has unsupported quant type Q5_1"):
         Model(p)
+
+
+def test_long_arrays_stay_in_the_file_until_asked_for(tiny_models, monkeypatch, tmp_path):
+    """Arrays longer than LAZY_ITEMS (vocabularies, merges) are validated at parse time but read
+    only when looked up; the values equal gguf-py's, and a file cut inside one still fails at open."""
+    import edgert.gguf_file as gf
+    from gguf import GGUFReader
+    monkeypatch.setattr(gf, "LAZY_ITEMS", 8)
+    path = tiny_models["llama"]
+    g = GGUFFile(path)
+    raw = dict.__getitem__(g.metadata, "tokenizer.ggml.tokens")
+    assert isinstance(raw, gf.LazyArray)
+    r = GGUFReader(path)
+    want = r.fields["tokenizer.ggml.tokens"].contents()
+    assert g.metadata.length("tokenizer.ggml.tokens") == len(want) > 8
+    assert g.metadata["tokenizer.ggml.tokens"] == want == g.get("tokenizer.ggml.tokens")
+    assert g.metadata.length("no.such.key") is None
+    # cut the file in the middle of the token strings
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(open(path, "rb").read()[:raw.pos + 40])
+    with pytest.raises(EdgertError, match="truncated"):
+        GGUFFile(str(cut))
