@@ -3,20 +3,21 @@
 import numba as nb
 import numpy as np
 
+from edgert.kernels.fmath import ggml_expf
 from edgert.kernels.quant import round_f16
 
 _SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 _GELU_COEF_A = np.float32(0.044715)
 
 
-@nb.njit(cache=True, nogil=True, fastmath={"contract"})
+@nb.njit(cache=True, nogil=True)
 def swiglu(g, u, out):
-    """out[T, n] = g / (1 + exp(-g)) * u."""
+    """out[T, n] = g / (1 + exp(-g)) * u, with ggml's expf and operation order (ggml_v_silu)."""
     T, n = g.shape
     for t in range(T):
         for j in range(n):
             x = g[t, j]
-            out[t, j] = x / (np.float32(1.0) + np.exp(-x)) * u[t, j]
+            out[t, j] = (x / (np.float32(1.0) + ggml_expf(np.float32(0.0) - x))) * u[t, j]
 
 
 @nb.njit(cache=True, nogil=True)

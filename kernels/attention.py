@@ -1,12 +1,12 @@
 """Causal attention over an fp16 KV cache with grouped-query heads and an optional sliding window.
 
-Numerics follow ggml's CPU path without flash attention: q is rounded to fp16 for the K dot
-products (K is fp16), softmax in float32 with a float64 sum, probabilities rounded to fp16 for
-the V product.
+Numerics are ggml's CPU path without flash attention, operation for operation (see attention()),
+so that a model's logits equal llama.cpp's bit for bit where the matrix products do too.
 """
 import numba as nb
 import numpy as np
 
+from edgert.kernels.fmath import fma32, ggml_expf, hsum8, reduce_4x8
 from edgert.kernels.quant import f16_bits, f16_finite_to_f32, round_f16
 
 
@@ -21,16 +21,41 @@ def store_kv(k, v, k_cache, v_cache, pos0):
                 v_cache[pos0 + t, h, j] = f16_bits(v[t, h, j])
 
 
-@nb.njit(cache=True, parallel=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+@nb.njit(cache=True, nogil=True, inline="always")
+def _dot_f16(q16, kv, decode):
+    """q16 . kv (fp16 bits), head_dim a multiple of 32, in llama.cpp's order: ggml_vec_dot_f16 for
+    a one-token batch (4 accumulators of 8 lanes, element d in accumulator d // 8 % 4), tinyBLAS
+    (llamafile sgemm) for more (one accumulator of 8 lanes)."""
+    D = q16.shape[0]
+    if decode:
+        a = np.zeros((4, 8), np.float32)
+        for d0 in range(0, D, 8):
+            r = (d0 >> 3) & 3
+            for l in range(8):
+                a[r, l] = fma32(f16_finite_to_f32(kv[d0 + l]), q16[d0 + l], a[r, l])
+        return reduce_4x8(a)
+    a8 = np.zeros(8, np.float32)
+    for d0 in range(0, D, 8):
+        for l in range(8):
+            a8[l] = fma32(f16_finite_to_f32(kv[d0 + l]), q16[d0 + l], a8[l])
+    return hsum8(a8)
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
 def attention(q, k_cache, v_cache, pos0, window, scale, out):
     """q: [T, n_head, head_dim] (roped); caches: [n_ctx, n_kv, head_dim] uint16; out: [T, n_head * head_dim].
 
     Token t at position p = pos0 + t attends to cache positions max(0, p - window + 1) .. p
-    (window <= 0: all of 0 .. p).
+    (window <= 0: all of 0 .. p). Every float operation is llama.cpp's (CPU, no flash attention):
+    q rounded to fp16; K dot products in its order (ggml_vec_dot_f16 for one token, tinyBLAS for
+    a batch); softmax with ggml's expf, summed in chunks of 8 positions from position 0 (masked
+    positions count as 0); probabilities rounded to fp16; the V products accumulated per output
+    element with position i in lane i % 8 (and, for one token, accumulator i // 8 % 4).
     """
     T, H, D = q.shape
     n_kv = k_cache.shape[1]
     group = H // n_kv
+    decode = T == 1
     for th in nb.prange(T * H):
         t = th // H
         h = th % H
@@ -44,21 +69,43 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
         s = np.empty(n, np.float32)
         mx = np.float32(-np.inf)
         for i in range(n):
-            acc = np.float32(0.0)
-            for j in range(D):
-                acc += qh[j] * f16_finite_to_f32(k_cache[start + i, kh, j])
-            acc *= scale
+            acc = _dot_f16(qh, k_cache[start + i, kh], decode) * scale
             s[i] = acc
             mx = max(mx, acc)
-        tot = 0.0
         for i in range(n):
-            e = np.exp(s[i] - mx)
-            s[i] = e
-            tot += e
+            s[i] = ggml_expf(s[i] - mx)
+        tot = 0.0
+        c8 = np.zeros(8, np.float32)
+        for c in range(start // 8, p // 8 + 1):
+            for l in range(8):
+                i = 8 * c + l - start
+                c8[l] = s[i] if 0 <= i < n else np.float32(0.0)
+            tot += np.float64(hsum8(c8))
         inv = np.float32(1.0 / tot)
         o = out[t, h * D:(h + 1) * D]
-        o[:] = 0.0
-        for i in range(n):
-            pw = round_f16(s[i] * inv)
+        if decode:
+            a = np.zeros((4, 8, D), np.float32)
+            for i in range(n):
+                pos = start + i
+                r, l = (pos >> 3) & 3, pos & 7
+                pw = round_f16(s[i] * inv)
+                for j in range(D):
+                    a[r, l, j] = fma32(f16_finite_to_f32(v_cache[pos, kh, j]), pw, a[r, l, j])
+            red = np.empty((4, 8), np.float32)
             for j in range(D):
-                o[j] += pw * f16_finite_to_f32(v_cache[start + i, kh, j])
+                for r in range(4):
+                    for l in range(8):
+                        red[r, l] = a[r, l, j]
+                o[j] = reduce_4x8(red)
+        else:
+            a8 = np.zeros((8, D), np.float32)
+            for i in range(n):
+                pos = start + i
+                pw = round_f16(s[i] * inv)
+                for j in range(D):
+                    a8[pos & 7, j] = fma32(f16_finite_to_f32(v_cache[pos, kh, j]), pw, a8[pos & 7, j])
+            c8b = np.empty(8, np.float32)
+            for j in range(D):
+                for l in range(8):
+                    c8b[l] = a8[l, j]
+                o[j] = hsum8(c8b)

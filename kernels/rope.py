@@ -6,9 +6,30 @@ float32 and applied by repeated multiplication, as ggml_rope_cache_init does.
 import numba as nb
 import numpy as np
 
+from edgert.kernels.fmath import fma32
+
+
+def _libm_powf():
+    import ctypes
+    import ctypes.util
+    try:
+        f = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6").powf
+    except (OSError, AttributeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    return f
+
+
+_POWF = _libm_powf()
+
 
 def theta_scale(base: float, n_rot: int) -> np.float32:
-    return np.float32(np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot)))
+    """base^(-2 / n_rot) in float32 with the C library's powf, as ggml computes it (NumPy's float32
+    power differs in the last bit for some bases, e.g. 10000 and 100000 with n_rot 64)."""
+    e = np.float32(-2.0) / np.float32(n_rot)
+    if _POWF is not None:
+        return np.float32(_POWF(np.float32(base), e))
+    return np.float32(np.power(np.float32(base), e))
 
 
 @nb.njit(cache=True, nogil=True)
@@ -33,5 +54,6 @@ def rope(x, pos0, n_rot, tscale, freq_scale, neox):
                     i0, i1 = 2 * i, 2 * i + 1
                 x0 = x[t, h, i0]
                 x1 = x[t, h, i1]
-                x[t, h, i0] = x0 * cs[i] - x1 * sn[i]
-                x[t, h, i1] = x0 * sn[i] + x1 * cs[i]
+                # ggml's rotate_pairs as GCC contracts it (-ffp-contract=fast): one product fused
+                x[t, h, i0] = fma32(x0, cs[i], -(x1 * sn[i]))
+                x[t, h, i1] = fma32(x0, sn[i], x1 * cs[i])
