@@ -15,6 +15,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from edgert.kernels.fmath import fma32
 from edgert.kernels.quant import DOT, TILE, QMatrix, quantize_act_row
 from edgert.kernels.simd import matmul_rows
 
@@ -56,10 +57,18 @@ def _hi(v):
     return np.float32(np.uint8(v >> np.uint8(4)))
 
 
+@nb.njit(cache=True, nogil=True)
+def _hsum8_strict(a0, a1, a2, a3, a4, a5, a6, a7):
+    """hsum_float_8's order, compiled without fast-math (the caller's reassociation would not
+    keep it: LLVM keeps each instruction's own flags when it inlines this)."""
+    return ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
+
+
 @nb.njit(cache=True, nogil=True, fastmath=_FM)
 def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
     """out[t0:t0+tt, rows of tile ti] for one row tile and token tile.
-    s: [4, TT, TILE] partial sums, acc: [TT, TILE] results, h32: [TILE] int32 (scratch). Inner loops index the
+    s: [4, TT, TILE] partial sums, acc: [TT, TILE] results, h32: [TILE] int32 (scratch). Q4_K and
+    Q6_K: _tile_k. Inner loops index the
     arrays directly (a slice per iteration costs more than the 64-row loop it feeds)."""
     C = xq.shape[1]
     acc[:, :] = 0.0
@@ -128,8 +137,32 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
                 sx = xd[t0 + k, b]
                 for r in range(TILE):
                     acc[k, r] += s[0, k, r] * (d[ti, b, r] * sx)
-    elif qtype == 12:  # Q4_K: super-blocks of 256, 8 sub-blocks of 32 (scale and min each)
+    r0 = ti * TILE
+    nv = min(TILE, out.shape[1] - r0)
+    for k in range(tt):
+        for r in range(nv):
+            out[t0 + k, r0 + r] = acc[k, r]
+
+
+@nb.njit(cache=True, nogil=True)
+def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, accm, lanes8):
+    """_tile for Q4_K and Q6_K, in llama.cpp's float order exactly (so no fast-math here: the
+    integer sums are exact in any order, but the float chains must not be reassociated)."""
+    C = xq.shape[1]
+    acc[:, :] = 0.0
+    f128 = np.float32(128.0)
+    if qtype == 12:  # Q4_K: super-blocks of 256, 8 sub-blocks of 32 (scale and min each)
+        # llama.cpp repacks Q4_K (8x8 interleaved, AVX2) and computes, per row and token, exact
+        # integer sums I = sum_j sc_j * (q . x)_j and M = sum_j min_j * sum(x)_j fed to two float
+        # chains, acc = fma(I, d * dx, acc) and accm = fma(M, dmin * dx, accm), out = acc - accm:
+        # its gemm (tokens in whole groups of 4) once per 64 elements, its gemv (the T % 4 tokens
+        # left over, and decode) once per super-block
+        T = xq.shape[0]
+        n_gemm = T - T % 4
+        accm[:tt, :] = 0.0
         for b in range(C // 256):
+            s64[0, :tt, :] = 0.0
+            s64[1, :tt, :] = 0.0
             for c4 in range(4):
                 s[0, :tt, :] = 0.0
                 s[1, :tt, :] = 0.0
@@ -144,43 +177,91 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
                             s[1, k, r] += _hi(v) * xh
                 j0 = 16 * b + 2 * c4
                 for k in range(tt):
+                    bs0 = np.float64(xs[t0 + k, 8 * b + 2 * c4])
+                    bs1 = np.float64(xs[t0 + k, 8 * b + 2 * c4 + 1])
                     sx = xd[t0 + k, b]
-                    bs0 = xs[t0 + k, 8 * b + 2 * c4]
-                    bs1 = xs[t0 + k, 8 * b + 2 * c4 + 1]
+                    gemm = t0 + k < n_gemm
                     for r in range(TILE):
-                        acc[k, r] += (d[ti, b, r] * sx) * (s[0, k, r] * np.float32(sc[ti, j0, r])
-                                                           + s[1, k, r] * np.float32(sc[ti, j0 + 1, r])) \
-                            - m[ti, b, r] * (np.float32(sc[ti, j0 + 8, r]) * bs0 + np.float32(sc[ti, j0 + 9, r]) * bs1)
+                        i_sb = (np.float64(s[0, k, r]) * np.float64(sc[ti, j0, r])
+                                + np.float64(s[1, k, r]) * np.float64(sc[ti, j0 + 1, r]))
+                        m_sb = np.float64(sc[ti, j0 + 8, r]) * bs0 + np.float64(sc[ti, j0 + 9, r]) * bs1
+                        if gemm:
+                            acc[k, r] = fma32(np.float32(i_sb), d[ti, b, r] * sx, acc[k, r])
+                            accm[k, r] = fma32(np.float32(m_sb), m[ti, b, r] * sx, accm[k, r])
+                        else:
+                            s64[0, k, r] += i_sb
+                            s64[1, k, r] += m_sb
+            for k in range(tt):
+                if t0 + k >= n_gemm:
+                    sx = xd[t0 + k, b]
+                    for r in range(TILE):
+                        acc[k, r] = fma32(np.float32(s64[0, k, r]), d[ti, b, r] * sx, acc[k, r])
+                        accm[k, r] = fma32(np.float32(s64[1, k, r]), m[ti, b, r] * sx, accm[k, r])
+        for k in range(tt):
+            for r in range(TILE):
+                acc[k, r] = acc[k, r] - accm[k, r]
     elif qtype == 14:  # Q6_K: super-blocks of 256, 16 sub-blocks of 16, int8 scales
+        # llama.cpp, fewer than 8 tokens: ggml_vec_dot_q6_K_q8_K (AVX2), eight int32 lanes per
+        # super-block, lane L holding the elements at byte L*4..L*4+3 of each 32-byte group
+        # (scale x unsigned 6-bit quant x x) minus 32 * (sc . sum(x)) over elements 32L..32L+31;
+        # each lane fused-multiply-added with d * dx into its own float chain, summed at the end.
+        # 8 tokens or more: its tiled kernel, the super-block's exact integer total S and
+        # acc = fma(d * S, dx, acc)
+        tiled = xq.shape[0] >= 8
+        lanes8[:, :tt, :] = 0.0
+        acc[:tt, :] = 0.0
         for b in range(C // 256):
+            s64[:, :tt, :] = 0.0
             for h in range(2):
-                for lh in range(2):
-                    s[:, :tt, :] = 0.0
-                    for l in range(16 * lh, 16 * lh + 16):
-                        ia = 128 * b + 64 * h + l
-                        ih = 64 * b + 32 * h + l
-                        e = 256 * b + 128 * h + l
-                        for k in range(tt):
-                            x1 = xq[t0 + k, e]
-                            x2 = xq[t0 + k, e + 32]
-                            x3 = xq[t0 + k, e + 64]
-                            x4 = xq[t0 + k, e + 96]
-                            for r in range(TILE):
-                                a_ = qs[ti, ia, r]
-                                b_ = qs[ti, ia + 32, r]
-                                hb = qh[ti, ih, r]
-                                s[0, k, r] += (np.float32(np.uint8((a_ & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) - f32_) * x1
-                                s[1, k, r] += (np.float32(np.uint8((b_ & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) - f32_) * x2
-                                s[2, k, r] += (np.float32(np.uint8((a_ >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) - f32_) * x3
-                                s[3, k, r] += (np.float32(np.uint8((b_ >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) - f32_) * x4
-                    sb = 16 * b + 8 * h + lh
+                for l in range(32):
+                    lane = l >> 2
+                    ia = 128 * b + 64 * h + l
+                    ih = 64 * b + 32 * h + l
+                    e = 256 * b + 128 * h + l
+                    sb = 16 * b + 8 * h + (l >> 4)
                     for k in range(tt):
-                        sx = xd[t0 + k, b]
+                        x1 = xq[t0 + k, e]
+                        x2 = xq[t0 + k, e + 32]
+                        x3 = xq[t0 + k, e + 64]
+                        x4 = xq[t0 + k, e + 96]
                         for r in range(TILE):
-                            acc[k, r] += (d[ti, b, r] * sx) * (s[0, k, r] * (np.float32(sc[ti, sb, r]) - f128)
-                                                               + s[1, k, r] * (np.float32(sc[ti, sb + 2, r]) - f128)
-                                                               + s[2, k, r] * (np.float32(sc[ti, sb + 4, r]) - f128)
-                                                               + s[3, k, r] * (np.float32(sc[ti, sb + 6, r]) - f128))
+                            a_ = qs[ti, ia, r]
+                            b_ = qs[ti, ia + 32, r]
+                            hb = qh[ti, ih, r]
+                            p = (np.float32(np.uint8((a_ & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) * x1
+                                 * (np.float32(sc[ti, sb, r]) - f128)
+                                 + np.float32(np.uint8((b_ & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) * x2
+                                 * (np.float32(sc[ti, sb + 2, r]) - f128))
+                            p2 = (np.float32(np.uint8((a_ >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) * x3
+                                  * (np.float32(sc[ti, sb + 4, r]) - f128)
+                                  + np.float32(np.uint8((b_ >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) * x4
+                                  * (np.float32(sc[ti, sb + 6, r]) - f128))
+                            s64[lane, k, r] += np.float64(p) + np.float64(p2)
+            for k in range(tt):
+                dd = xd[t0 + k, b]
+                for L in range(8):
+                    t_a = np.float64(xs[t0 + k, 16 * b + 2 * L])
+                    t_b = np.float64(xs[t0 + k, 16 * b + 2 * L + 1])
+                    for r in range(TILE):
+                        sub = 32.0 * ((np.float64(sc[ti, 16 * b + 2 * L, r]) - 128.0) * t_a
+                                      + (np.float64(sc[ti, 16 * b + 2 * L + 1, r]) - 128.0) * t_b)
+                        s64[L, k, r] -= sub
+                if tiled:
+                    for r in range(TILE):
+                        tot = 0.0
+                        for L in range(8):
+                            tot += s64[L, k, r]
+                        acc[k, r] = fma32(d[ti, b, r] * np.float32(tot), dd, acc[k, r])
+                else:
+                    for L in range(8):
+                        for r in range(TILE):
+                            lanes8[L, k, r] = fma32(dd * d[ti, b, r], np.float32(s64[L, k, r]), lanes8[L, k, r])
+        for k in range(tt):
+            if tiled:
+                continue
+            for r in range(TILE):
+                acc[k, r] = _hsum8_strict(lanes8[0, k, r], lanes8[1, k, r], lanes8[2, k, r], lanes8[3, k, r],
+                                          lanes8[4, k, r], lanes8[5, k, r], lanes8[6, k, r], lanes8[7, k, r])
     r0 = ti * TILE
     nv = min(TILE, out.shape[1] - r0)
     for k in range(tt):
@@ -202,9 +283,16 @@ def matmul_q(qtype, qs, qh, sc, d, m, xq, xd, xs, out, nthreads):
         s = np.empty((4, TT, TILE), np.float32)   # per-block partial sums
         acc = np.empty((TT, TILE), np.float32)    # per-row results of a token tile
         h32 = np.empty(TILE, np.int32)            # per-row high bits of a Q5_0 block
+        s64 = np.empty((8, TT, TILE), np.float64)  # K-quants: exact integer sums of a super-block
+        accm = np.empty((TT, TILE), np.float32)    # Q4_K: the minimums' float chain
+        lanes8 = np.empty((8, TT, TILE), np.float32)  # Q6_K: llama.cpp's eight float lanes
         for ti in range(c * chunk, min(nt, (c + 1) * chunk)):
             for t0 in range(0, T, TT):
-                _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, h32)
+                if qtype >= 12:
+                    _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, s64, accm,
+                            lanes8)
+                else:
+                    _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, h32)
 
 
 class ActBuffers:

@@ -468,7 +468,8 @@ F16_TABLE.setflags(write=False)
 def quantize_act_row(act, x, xq, xd, xs, S):
     """One activation row x[K] -> xq[K] (integer-valued float32), xd[K / A], xs[K / S].
 
-    xs holds d * sum(q) per weight sub-block (Q8_1: fp16-rounded, as llama.cpp stores it).
+    xs holds, per weight sub-block, d * sum(q) for Q8_1 (fp16-rounded, as llama.cpp stores it)
+    and the integer sum(q) for Q8_K (its bsums).
     """
     K = x.shape[0]
     if act == 0:  # F32
@@ -524,4 +525,4 @@ def quantize_act_row(act, x, xq, xd, xs, S):
             t = np.float32(0.0)
             for j in range(S):
                 t += xq[256 * b + S * s + j]
-            xs[256 // S * b + s] = dd * t
+            xs[256 // S * b + s] = t  # the integer sum (llama.cpp's bsums), exact in float32

@@ -45,24 +45,29 @@ def test_tiny_model_logits_match_llama_cpp(arch, tiny_models, llama_cpp):
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("arch,mtype", [("llama", 3), ("qwen2", 6), ("llama", 8)], ids=["llama-Q4_1", "qwen2-Q5_0", "llama-Q8_0"])
-def test_bit_identical_logits_where_the_kernels_are_llama_cpps(arch, mtype, llama_cpp, tmp_path):
-    """With Q4_1 / Q5_0 / Q8_0 weights (llama.cpp runs these through the vec_dot / tinyBLAS
-    kernels that kernels/simd.py reproduces) every float operation of a forward pass is
-    llama.cpp's: logits are bit-identical, for a batch and token by token, over 6 layers."""
+@pytest.mark.parametrize("arch,mtype", [("llama", 3), ("qwen2", 6), ("llama", 8), ("qwen2", 12), ("gemma3", 14)],
+                         ids=["llama-Q4_1", "qwen2-Q5_0", "llama-Q8_0", "qwen2-Q4_K", "gemma3-Q6_K"])
+def test_bit_identical_logits_with_llama_cpp(arch, mtype, llama_cpp, tmp_path):
+    """Every float operation of a forward pass is llama.cpp's (its AVX2 kernels, the path it picks
+    for the batch size: vec_dot / tinyBLAS / repacked gemv-gemm / tiled), so the logits are
+    bit-identical over 6 layers: for two batches (6 tokens, then 16: below and above its size
+    thresholds) and token by token."""
     from edgert.converters.tiny import write_tiny_gguf
     from edgert.kernels.simd import available
     if not available():
         pytest.skip("needs the AVX2 row-layout kernels")
     types = {k: mtype for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output")}
     path = write_tiny_gguf(str(tmp_path / "t.gguf"), arch, n_layer=6, types={**types, "token_embd": 8})
-    toks = np.random.default_rng(1).integers(3, 320, 20)
+    toks = np.random.default_rng(1).integers(3, 320, 22)
     m = Model(path, n_ctx=64, n_batch=64)
-    got = m.forward(toks, all_logits=True)
+    got = np.concatenate([m.forward(toks[:6], all_logits=True), m.forward(toks[6:], all_logits=True)])
     m.reset()
     step = np.stack([m.decode_one_token(int(t)) for t in toks])
     ll = llama_cpp.Llama(path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
-    ref = llama_logits(ll, toks)
+    ll.reset()
+    ll.eval(list(map(int, toks[:6])))
+    ll.eval(list(map(int, toks[6:])))
+    ref = np.array(ll.scores[:22], np.float32)
     ll.reset()
     ref_step = []
     for t in toks:
