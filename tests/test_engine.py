@@ -130,11 +130,11 @@ def test_teacher_forced_agreement_and_perplexity(real):
     print(f"\n{name}: top-1 agreement edgert {top1:.4f} (llama.cpp FA vs non-FA {top1_alt:.4f}); "
           f"mean |logit diff| {np.mean(err):.4f} ({np.mean(err_alt):.4f}); "
           f"perplexity edgert {ppl_e:.4f} llama.cpp {ppl_l:.4f}")
+    # the foundation issue's criteria; llama.cpp's own flash-attention path is printed beside them
+    # for scale (it is below 99% against llama.cpp's default path on these models)
     assert abs(ppl_e / ppl_l - 1) <= 0.01
-    # as close to llama.cpp as llama.cpp's two attention paths are to each other (2 sigma of the
-    # agreement estimate on 1,024 tokens is about 1.5 points); the brief's 99% is above that noise
-    assert top1 >= min(0.99, top1_alt) - 0.015
-    assert np.mean(err) <= 1.25 * np.mean(err_alt)
+    assert top1 >= 0.99
+    assert np.mean(err) <= np.mean(err_alt)
 
 
 def llama_greedy(ll, ids, n):
@@ -151,12 +151,11 @@ def llama_greedy(ll, ids, n):
 @pytest.mark.llama
 @pytest.mark.models
 def test_greedy_generation_matches(llama_cpp):
-    """64 greedy tokens for six prompts on each real model. The brief asks for identical output on
-    2 of 3 prompts per model; llama.cpp's own flash-attention path does not reach that against its
-    default path on these models (its logits differ by the same amount as ours), so the test holds
-    edgert to llama.cpp's own consistency: identical at least as often over all prompts and models
-    as the flash-attention path, less one."""
+    """64 greedy tokens for six prompts on each real model: identical to llama.cpp's for at least
+    2 of 3 prompts of every model (the foundation issue's criterion). llama.cpp's own
+    flash-attention path is counted beside it for scale."""
     same = same_alt = 0
+    per_model = {}
     for name in REAL:
         path = real_model(name)
         model = Model(path, n_ctx=512)
@@ -172,9 +171,11 @@ def test_greedy_generation_matches(llama_cpp):
             alt = llama_greedy(alt_ll, ids, 64)
             same += ours == ref
             same_alt += alt == ref
+            per_model[name] = per_model.get(name, 0) + (ours == ref)
             diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
             print(f"\n{name}: {prompt[:28]!r}: edgert identical={ours == ref} (first difference {diff}), "
                   f"llama.cpp FA identical={alt == ref}")
         del ref_ll, alt_ll, model
     print(f"identical generations over {len(REAL) * len(PROMPTS)}: edgert {same}, llama.cpp FA {same_alt}")
-    assert same >= same_alt - 1
+    for name in REAL:
+        assert per_model[name] * 3 >= 2 * len(PROMPTS), (name, per_model[name])
