@@ -6,7 +6,7 @@ so that a model's logits equal llama.cpp's bit for bit where the matrix products
 import numba as nb
 import numpy as np
 
-from edgert.kernels.fmath import fma32, ggml_expf, hsum8, reduce_4x8
+from edgert.kernels.fmath import expf_needs_slow_path, fma32, ggml_expf, ggml_expf_common, hsum8, reduce_4x8
 from edgert.kernels.quant import f16_bits, f16_finite_to_f32, round_f16
 
 
@@ -22,23 +22,23 @@ def store_kv(k, v, k_cache, v_cache, pos0):
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _dot_f16(q16, kv, decode):
-    """q16 . kv (fp16 bits), head_dim a multiple of 32, in llama.cpp's order: ggml_vec_dot_f16 for
-    a one-token batch (4 accumulators of 8 lanes, element d in accumulator d // 8 % 4), tinyBLAS
-    (llamafile sgemm) for more (one accumulator of 8 lanes)."""
+def _dot_f16(q16, kf, decode, a):
+    """q16 . kf, head_dim a multiple of 32, in llama.cpp's order: ggml_vec_dot_f16 for a
+    one-token batch (4 accumulators of 8 lanes, element d in accumulator d // 8 % 4), tinyBLAS
+    (llamafile sgemm) for more (one accumulator of 8 lanes). kf: a K row as float32 (exact from
+    fp16); a: [4, 8] float32 scratch."""
     D = q16.shape[0]
+    a[:, :] = 0.0
     if decode:
-        a = np.zeros((4, 8), np.float32)
         for d0 in range(0, D, 8):
             r = (d0 >> 3) & 3
             for l in range(8):
-                a[r, l] = fma32(f16_finite_to_f32(kv[d0 + l]), q16[d0 + l], a[r, l])
+                a[r, l] = fma32(kf[d0 + l], q16[d0 + l], a[r, l])
         return reduce_4x8(a)
-    a8 = np.zeros(8, np.float32)
     for d0 in range(0, D, 8):
         for l in range(8):
-            a8[l] = fma32(f16_finite_to_f32(kv[d0 + l]), q16[d0 + l], a8[l])
-    return hsum8(a8)
+            a[0, l] = fma32(kf[d0 + l], q16[d0 + l], a[0, l])
+    return hsum8(a[0])
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
@@ -56,6 +56,14 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
     n_kv = k_cache.shape[1]
     group = H // n_kv
     decode = T == 1
+    P = pos0 + T
+    kf = np.empty((P, n_kv, D), np.float32)  # [P, n_kv, head_dim] the cache rows in use, as float32
+    vf = np.empty((P, n_kv, D), np.float32)
+    for pp in nb.prange(P):
+        for h in range(n_kv):
+            for j in range(D):
+                kf[pp, h, j] = f16_finite_to_f32(k_cache[pp, h, j])
+                vf[pp, h, j] = f16_finite_to_f32(v_cache[pp, h, j])
     for th in nb.prange(T * H):
         t = th // H
         h = th % H
@@ -67,13 +75,19 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
         for j in range(D):
             qh[j] = round_f16(q[t, h, j])
         s = np.empty(n, np.float32)
+        a48 = np.empty((4, 8), np.float32)
         mx = np.float32(-np.inf)
         for i in range(n):
-            acc = _dot_f16(qh, k_cache[start + i, kh], decode) * scale
+            acc = _dot_f16(qh, kf[start + i, kh], decode, a48) * scale
             s[i] = acc
             mx = max(mx, acc)
-        for i in range(n):
-            s[i] = ggml_expf(s[i] - mx)
+        e = np.empty(n, np.float32)
+        for i in range(n):  # vectorised: ggml's expf without its rare range branch
+            e[i] = ggml_expf_common(s[i] - mx)
+        for i in range(n):  # the rare arguments below about -87 (underflow range)
+            if expf_needs_slow_path(s[i] - mx):
+                e[i] = ggml_expf(s[i] - mx)
+        s, e = e, s
         tot = 0.0
         c8 = np.zeros(8, np.float32)
         for c in range(start // 8, p // 8 + 1):
@@ -90,7 +104,7 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
                 r, l = (pos >> 3) & 3, pos & 7
                 pw = round_f16(s[i] * inv)
                 for j in range(D):
-                    a[r, l, j] = fma32(f16_finite_to_f32(v_cache[pos, kh, j]), pw, a[r, l, j])
+                    a[r, l, j] = fma32(vf[pos, kh, j], pw, a[r, l, j])
             red = np.empty((4, 8), np.float32)
             for j in range(D):
                 for r in range(4):
@@ -103,7 +117,7 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
                 pos = start + i
                 pw = round_f16(s[i] * inv)
                 for j in range(D):
-                    a8[pos & 7, j] = fma32(f16_finite_to_f32(v_cache[pos, kh, j]), pw, a8[pos & 7, j])
+                    a8[pos & 7, j] = fma32(vf[pos, kh, j], pw, a8[pos & 7, j])
             c8b = np.empty(8, np.float32)
             for j in range(D):
                 for l in range(8):

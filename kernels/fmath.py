@@ -40,6 +40,25 @@ _C1, _C2, _C3, _C4, _C5 = (_h("0x1.0e4020p-7"), _h("0x1.573e2ep-5"), _h("0x1.555
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
+def ggml_expf_common(x):
+    """ggml_expf for |round(x * log2(e))| <= 126 (the usual case), branch-free so that a loop of it
+    vectorises; expf_needs_slow_path tells when it does not apply."""
+    x = np.float32(x)
+    z = fma32(x, _LOG2E, _R)
+    n = z - _R
+    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
+    k = _u32_to_f32(np.uint32(((np.uint32(_f32_to_u32(z)) << np.uint32(23)) + np.uint32(0x3F800000)) & np.uint32(0xFFFFFFFF)))
+    u = b * b
+    j = fma32(fma32(fma32(_C1, b, _C2), u, fma32(_C3, b, _C4)), u, _C5 * b)
+    return fma32(k, j, k)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def expf_needs_slow_path(x):
+    return abs(fma32(np.float32(x), _LOG2E, _R) - _R) > np.float32(126.0)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
 def ggml_expf(x):
     """exp(x) as ggml_v_expf computes each lane (ggml-cpu/vec.h, AVX2 branch)."""
     x = np.float32(x)
@@ -76,9 +95,13 @@ def hsum8(a):
 def reduce_4x8(a):
     """Sum of a[4, 8] in the order of GGML_F32x8_REDUCE (ggml_vec_dot_f16's accumulators):
     a0 + a2 and a1 + a3, their sum, then lanes k + (k + 4), then two horizontal adds."""
-    t = np.empty(4, np.float32)
-    for k in range(4):
-        lo = (a[0, k] + a[2, k]) + (a[1, k] + a[3, k])
-        hi = (a[0, k + 4] + a[2, k + 4]) + (a[1, k + 4] + a[3, k + 4])
-        t[k] = lo + hi
-    return (t[0] + t[1]) + (t[2] + t[3])
+    t0 = _lane4(a, 0) + _lane4(a, 4)
+    t1 = _lane4(a, 1) + _lane4(a, 5)
+    t2 = _lane4(a, 2) + _lane4(a, 6)
+    t3 = _lane4(a, 3) + _lane4(a, 7)
+    return (t0 + t1) + (t2 + t3)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _lane4(a, k):
+    return (a[0, k] + a[2, k]) + (a[1, k] + a[3, k])

@@ -145,7 +145,7 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
 
 
 @nb.njit(cache=True, nogil=True)
-def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, accm, lanes8):
+def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, accm, lanes8, s32):
     """_tile for Q4_K and Q6_K, in llama.cpp's float order exactly (so no fast-math here: the
     integer sums are exact in any order, but the float chains must not be reassociated)."""
     C = xq.shape[1]
@@ -211,35 +211,38 @@ def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, a
         lanes8[:, :tt, :] = 0.0
         acc[:tt, :] = 0.0
         for b in range(C // 256):
-            s64[:, :tt, :] = 0.0
             for h in range(2):
-                for l in range(32):
-                    lane = l >> 2
-                    ia = 128 * b + 64 * h + l
-                    ih = 64 * b + 32 * h + l
-                    e = 256 * b + 128 * h + l
-                    sb = 16 * b + 8 * h + (l >> 4)
+                for L in range(8):
+                    sb = 16 * b + 8 * h + (L >> 2)  # the 4 elements of lane L share each vector's scale
                     for k in range(tt):
-                        x1 = xq[t0 + k, e]
-                        x2 = xq[t0 + k, e + 32]
-                        x3 = xq[t0 + k, e + 64]
-                        x4 = xq[t0 + k, e + 96]
+                        s[:, k, :] = 0.0
+                        for l in range(4 * L, 4 * L + 4):
+                            ia = 128 * b + 64 * h + l
+                            ih = 64 * b + 32 * h + l
+                            e = 256 * b + 128 * h + l
+                            x1 = xq[t0 + k, e]
+                            x2 = xq[t0 + k, e + 32]
+                            x3 = xq[t0 + k, e + 64]
+                            x4 = xq[t0 + k, e + 96]
+                            for r in range(TILE):
+                                a_ = qs[ti, ia, r]
+                                b_ = qs[ti, ia + 32, r]
+                                hb = qh[ti, ih, r]
+                                s[0, k, r] += np.float32(np.uint8((a_ & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) * x1
+                                s[1, k, r] += np.float32(np.uint8((b_ & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) * x2
+                                s[2, k, r] += np.float32(np.uint8((a_ >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) * x3
+                                s[3, k, r] += np.float32(np.uint8((b_ >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) * x4
                         for r in range(TILE):
-                            a_ = qs[ti, ia, r]
-                            b_ = qs[ti, ia + 32, r]
-                            hb = qh[ti, ih, r]
-                            p = (np.float32(np.uint8((a_ & np.uint8(15)) | ((hb & np.uint8(3)) << np.uint8(4)))) * x1
-                                 * (np.float32(sc[ti, sb, r]) - f128)
-                                 + np.float32(np.uint8((b_ & np.uint8(15)) | (((hb >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))) * x2
-                                 * (np.float32(sc[ti, sb + 2, r]) - f128))
-                            p2 = (np.float32(np.uint8((a_ >> np.uint8(4)) | (((hb >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))) * x3
-                                  * (np.float32(sc[ti, sb + 4, r]) - f128)
-                                  + np.float32(np.uint8((b_ >> np.uint8(4)) | ((hb >> np.uint8(6)) << np.uint8(4)))) * x4
-                                  * (np.float32(sc[ti, sb + 6, r]) - f128))
-                            s64[lane, k, r] += np.float64(p) + np.float64(p2)
+                            # 4 raw sums of at most 4 * 63 * 127, times scales of at most 128: exact
+                            s32[h, L, k, r] = (s[0, k, r] * (np.float32(sc[ti, sb, r]) - f128)
+                                               + s[1, k, r] * (np.float32(sc[ti, sb + 2, r]) - f128)
+                                               + s[2, k, r] * (np.float32(sc[ti, sb + 4, r]) - f128)
+                                               + s[3, k, r] * (np.float32(sc[ti, sb + 6, r]) - f128))
             for k in range(tt):
                 dd = xd[t0 + k, b]
                 for L in range(8):
+                    for r in range(TILE):
+                        s64[L, k, r] = np.float64(s32[0, L, k, r]) + np.float64(s32[1, L, k, r])
                     t_a = np.float64(xs[t0 + k, 16 * b + 2 * L])
                     t_b = np.float64(xs[t0 + k, 16 * b + 2 * L + 1])
                     for r in range(TILE):
@@ -286,11 +289,12 @@ def matmul_q(qtype, qs, qh, sc, d, m, xq, xd, xs, out, nthreads):
         s64 = np.empty((8, TT, TILE), np.float64)  # K-quants: exact integer sums of a super-block
         accm = np.empty((TT, TILE), np.float32)    # Q4_K: the minimums' float chain
         lanes8 = np.empty((8, TT, TILE), np.float32)  # Q6_K: llama.cpp's eight float lanes
+        s32 = np.empty((2, 8, TT, TILE), np.float32)  # Q6_K: exact per-half lane sums
         for ti in range(c * chunk, min(nt, (c + 1) * chunk)):
             for t0 in range(0, T, TT):
                 if qtype >= 12:
                     _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, s64, accm,
-                            lanes8)
+                            lanes8, s32)
                 else:
                     _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, h32)
 
