@@ -77,7 +77,7 @@ TILE = 64  # rows per tile
 REPACKED_BPB = {F32: 4, F16: 4, Q4_0: 20, Q4_1: 24, Q5_0: 24, Q8_0: 36, Q4_K: 152, Q6_K: 212}
 
 
-ROW_TYPES = (Q4_0, Q4_1, Q5_0, Q8_0)  # types with a row layout for kernels/simd.py
+ROW_TYPES = (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)  # types with a row layout for kernels/simd.py
 
 
 def layout_for(qtype: int) -> str:
@@ -138,6 +138,18 @@ def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
     simd.py: quants and high bits as in the file, one row after another; scales (and Q4_1's
     minimums) as float32."""
     e8 = np.zeros((rows, 0), np.uint8)
+    if qtype == Q4_K:  # d dmin scales[12] qs[128]
+        d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
+        m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb] dmin
+        sc = _k4_scales(b[:, :, 4:16]).reshape(rows, -1)                                    # [R, nb * 16]
+        qs = np.ascontiguousarray(b[:, :, 16:144]).reshape(rows, -1)                        # [R, nb * 128]
+        return QMatrix(qtype, rows, cols, qs, e8, sc, d, m, "rows")
+    if qtype == Q6_K:  # ql[128] qh[64] scales[16] d
+        d = np.ascontiguousarray(b[:, :, 208:210]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
+        ql = np.ascontiguousarray(b[:, :, 0:128]).reshape(rows, -1)                            # [R, nb * 128]
+        qh = np.ascontiguousarray(b[:, :, 128:192]).reshape(rows, -1)                          # [R, nb * 64]
+        sc = np.ascontiguousarray(b[:, :, 192:208]).reshape(rows, -1).view(np.int8)            # [R, nb * 16]
+        return QMatrix(qtype, rows, cols, ql, qh, sc, d, np.zeros((rows, 0), np.float32), "rows")
     d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)   # [R, nb]
     m = np.zeros((rows, 0), np.float32)
     qh = e8
@@ -274,7 +286,9 @@ def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = CHUNK_ROWS) ->
 
 def dequantize_row(w: QMatrix, r: int, out: np.ndarray):
     """Row r of a QMatrix -> float32 out[C], bit-exact with gguf.quants.dequantize."""
-    if w.layout == "rows":
+    if w.layout == "rows" and w.qtype in (Q4_K, Q6_K):
+        _dequantize_row_rows_k(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, r, out)
+    elif w.layout == "rows":
         _dequantize_row_rows(w.qtype, w.qs, w.qh, w.d, w.m, r, out)
     else:
         _dequantize_row_tiles(w.qtype, *w.arrays(), r, out)
@@ -303,6 +317,38 @@ def _dequantize_row_rows(qtype, qs, qh, d, m, r, out):
             else:
                 out[32 * b + j] = db * (lo - off)
                 out[32 * b + 16 + j] = db * (hi - off)
+
+
+@nb.njit(cache=True, nogil=True)
+def _dequantize_row_rows_k(qtype, qs, qh, sc, d, m, r, out):
+    """dequantize_row for the row layout of Q4_K and Q6_K (blocks as in GGUF, Q4_K scales unpacked)."""
+    for b in range(out.shape[0] // 256):
+        if qtype == 12:
+            for c4 in range(4):
+                s_lo = d[r, b] * np.float32(sc[r, 16 * b + 2 * c4])
+                s_hi = d[r, b] * np.float32(sc[r, 16 * b + 2 * c4 + 1])
+                m_lo = m[r, b] * np.float32(sc[r, 16 * b + 8 + 2 * c4])
+                m_hi = m[r, b] * np.float32(sc[r, 16 * b + 8 + 2 * c4 + 1])
+                for l in range(32):
+                    v = qs[r, 128 * b + 32 * c4 + l]
+                    out[256 * b + 64 * c4 + l] = s_lo * np.float32(v & 15) - m_lo
+                    out[256 * b + 64 * c4 + 32 + l] = s_hi * np.float32(v >> 4) - m_hi
+        else:
+            for h in range(2):
+                for l in range(32):
+                    a = qs[r, 128 * b + 64 * h + l]
+                    a2 = qs[r, 128 * b + 64 * h + 32 + l]
+                    hb = qh[r, 64 * b + 32 * h + l]
+                    q1 = np.float32((a & 15) | ((hb & 3) << 4)) - np.float32(32.0)
+                    q2 = np.float32((a2 & 15) | (((hb >> 2) & 3) << 4)) - np.float32(32.0)
+                    q3 = np.float32((a >> 4) | (((hb >> 4) & 3) << 4)) - np.float32(32.0)
+                    q4 = np.float32((a2 >> 4) | (((hb >> 6) & 3) << 4)) - np.float32(32.0)
+                    e = 256 * b + 128 * h + l
+                    s0 = 16 * b + 8 * h + l // 16
+                    out[e] = d[r, b] * np.float32(sc[r, s0]) * q1
+                    out[e + 32] = d[r, b] * np.float32(sc[r, s0 + 2]) * q2
+                    out[e + 64] = d[r, b] * np.float32(sc[r, s0 + 4]) * q3
+                    out[e + 96] = d[r, b] * np.float32(sc[r, s0 + 6]) * q4
 
 
 @nb.njit(cache=True, nogil=True)
