@@ -148,7 +148,7 @@ def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
         d = np.ascontiguousarray(b[:, :, 208:210]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
         ql = np.ascontiguousarray(b[:, :, 0:128]).reshape(rows, -1)                            # [R, nb * 128]
         qh = np.ascontiguousarray(b[:, :, 128:192]).reshape(rows, -1)                          # [R, nb * 64]
-        sc = np.ascontiguousarray(b[:, :, 192:208]).reshape(rows, -1).view(np.int8)            # [R, nb * 16]
+        sc = np.ascontiguousarray(b[:, :, 192:208]).reshape(rows, -1)                          # [R, nb * 16] int8 bits
         return QMatrix(qtype, rows, cols, ql, qh, sc, d, np.zeros((rows, 0), np.float32), "rows")
     d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)   # [R, nb]
     m = np.zeros((rows, 0), np.float32)
@@ -162,7 +162,7 @@ def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
         qs = np.ascontiguousarray(b[:, :, 6:22]).reshape(rows, -1)                        # [R, nb * 16]
         qh = np.ascontiguousarray(b[:, :, 2:6]).reshape(rows, -1)                         # [R, nb * 4]
     else:
-        qs = np.ascontiguousarray(b[:, :, 2:34]).reshape(rows, -1).view(np.int8)          # [R, nb * 32]
+        qs = np.ascontiguousarray(b[:, :, 2:34]).reshape(rows, -1)                        # [R, nb * 32] int8 bits
     return QMatrix(qtype, rows, cols, qs, qh, e8, d, m, "rows")
 
 
@@ -259,7 +259,7 @@ def expand_q5_0(q: QMatrix) -> QMatrix:
         val[:, :, 16:] = (qs >> np.uint8(4)) | (bits[:, :, 16:] << np.uint8(4))
         val -= np.uint8(16)  # as int8: the value
         e8 = np.zeros((R, 0), np.uint8)
-        return QMatrix(Q8_0, q.rows, q.cols, val.reshape(R, nb_ * 32).view(np.int8), e8, e8, q.d,
+        return QMatrix(Q8_0, q.rows, q.cols, val.reshape(R, nb_ * 32), e8, e8, q.d,
                        np.zeros((R, 0), np.float32), "rows")
     nt, nbytes_, tile = q.qs.shape
     nb_ = nbytes_ // 16
@@ -301,7 +301,7 @@ def _dequantize_row_rows(qtype, qs, qh, d, m, r, out):
         db = d[r, b]
         if qtype == 8:
             for j in range(32):
-                out[32 * b + j] = db * np.float32(qs[r, 32 * b + j])
+                out[32 * b + j] = db * np.float32(np.int8(qs[r, 32 * b + j]))
             continue
         off = np.float32(8.0) if qtype == 2 else np.float32(16.0)  # (Q4_1: no offset, a minimum)
         for j in range(16):
@@ -345,10 +345,10 @@ def _dequantize_row_rows_k(qtype, qs, qh, sc, d, m, r, out):
                     q4 = np.float32((a2 >> 4) | (((hb >> 6) & 3) << 4)) - np.float32(32.0)
                     e = 256 * b + 128 * h + l
                     s0 = 16 * b + 8 * h + l // 16
-                    out[e] = d[r, b] * np.float32(sc[r, s0]) * q1
-                    out[e + 32] = d[r, b] * np.float32(sc[r, s0 + 2]) * q2
-                    out[e + 64] = d[r, b] * np.float32(sc[r, s0 + 4]) * q3
-                    out[e + 96] = d[r, b] * np.float32(sc[r, s0 + 6]) * q4
+                    out[e] = d[r, b] * np.float32(np.int8(sc[r, s0])) * q1
+                    out[e + 32] = d[r, b] * np.float32(np.int8(sc[r, s0 + 2])) * q2
+                    out[e + 64] = d[r, b] * np.float32(np.int8(sc[r, s0 + 4])) * q3
+                    out[e + 96] = d[r, b] * np.float32(np.int8(sc[r, s0 + 6])) * q4
 
 
 @nb.njit(cache=True, nogil=True)
