@@ -59,11 +59,14 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
     P = pos0 + T
     kf = np.empty((P, n_kv, D), np.float32)  # [P, n_kv, head_dim] the cache rows in use, as float32
     vf = np.empty((P, n_kv, D), np.float32)
+    kt = np.empty((n_kv, D, 0 if decode else P), np.float32)  # [n_kv, head_dim, P] K transposed (batches)
     for pp in nb.prange(P):
         for h in range(n_kv):
             for j in range(D):
                 kf[pp, h, j] = f16_finite_to_f32(k_cache[pp, h, j])
                 vf[pp, h, j] = f16_finite_to_f32(v_cache[pp, h, j])
+                if not decode:
+                    kt[h, j, pp] = kf[pp, h, j]
     for th in nb.prange(T * H):
         t = th // H
         h = th % H
@@ -75,12 +78,27 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
         for j in range(D):
             qh[j] = round_f16(q[t, h, j])
         s = np.empty(n, np.float32)
-        a48 = np.empty((4, 8), np.float32)
+        if decode:
+            a48 = np.empty((4, 8), np.float32)
+            for i in range(n):
+                s[i] = _dot_f16(qh, kf[start + i, kh], decode, a48) * scale
+        else:
+            # tinyBLAS's order with the positions in the vector: lane l accumulates elements
+            # l, l + 8, ... of the head in sequence, for all positions at once
+            lanes = np.zeros((8, n), np.float32)
+            for c in range(D // 8):
+                for l in range(8):
+                    qv = qh[8 * c + l]
+                    row = kt[kh, 8 * c + l, start:start + n]
+                    ln = lanes[l]
+                    for i in range(n):
+                        ln[i] = fma32(row[i], qv, ln[i])
+            for i in range(n):
+                s[i] = (((lanes[4, i] + lanes[0, i]) + (lanes[6, i] + lanes[2, i]))
+                        + ((lanes[5, i] + lanes[1, i]) + (lanes[7, i] + lanes[3, i]))) * scale
         mx = np.float32(-np.inf)
         for i in range(n):
-            acc = _dot_f16(qh, kf[start + i, kh], decode, a48) * scale
-            s[i] = acc
-            mx = max(mx, acc)
+            mx = max(mx, s[i])
         e = np.empty(n, np.float32)
         for i in range(n):  # vectorised: ggml's expf without its rare range branch
             e[i] = ggml_expf_common(s[i] - mx)
