@@ -131,15 +131,16 @@ class Model:
         fits the budget and before any weight is read (the app builds its tokenizer there, so the
         tokenizer's transient memory peaks before the weights are resident, not on top of them)."""
         t0 = time.perf_counter()
-        if residency.enabled():  # kernels first, then the compiler's pages out, then the weights
-            residency.preload_kernels()
-            residency.release_compiler_pages()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
         g.reader = FlashReader(self.path, direct=direct_io, io_threads=2, throttle=throttle, tracer=tracer)
         g.expand_q5 = env("EDGERT_EXPAND_Q5") == "1" if expand_q5 is None else expand_q5
         self.gguf = g
         self.cfg = c = config_from_gguf(g)
+        if residency.enabled():  # the kernels it needs first, then the compiler's pages out, then the weights
+            qtypes = {t.qtype for t in g.tensors.values() if len(t.shape) > 1}
+            residency.preload_kernels(residency.unneeded_kernels(qtypes, c.ffn_act))
+            residency.release_compiler_pages()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
         self.n_batch = max(1, min(n_batch, self.n_ctx))
         self.budget = budget

@@ -31,13 +31,29 @@ def enabled() -> bool:
     return env("EDGERT_RELEASE_JIT") != "0" and not numba.config.DISABLE_JIT
 
 
-def preload_kernels() -> int:
-    """Load every kernel signature cached for this machine (never compiles). -> signatures loaded."""
+def unneeded_kernels(qtypes, ffn_act: str) -> set:
+    """Kernels a model with these matrix types and FFN activation never calls (not worth their
+    memory: the tile-layout kernels alone are ~9 MiB loaded)."""
+    from edgert.kernels.quant import ROW_TYPES
+    from edgert.kernels.simd import available
+    skip = {"geglu", "gelu_f32"} if ffn_act != "gelu" else {"swiglu"}
+    if available() and all(q in ROW_TYPES for q in qtypes):
+        skip |= {"matmul_q", "_tile", "_tile_k", "_hsum8_strict", "_dequantize_row_tiles"}
+    if not any(q in (12, 14) for q in qtypes):
+        skip |= {"matmul_rows_k", "_dequantize_row_rows_k"}
+    return skip
+
+
+def preload_kernels(skip=()) -> int:
+    """Load every kernel signature cached for this machine (never compiles), except the kernels
+    named in `skip`. -> signatures loaded."""
     from numba.core.dispatcher import Dispatcher
     n = 0
     for name in KERNEL_MODULES:
         mod = importlib.import_module(f"edgert.kernels.{name}")
-        for obj in vars(mod).values():
+        for fname, obj in vars(mod).items():
+            if fname in skip:
+                continue
             cache = getattr(obj, "_cache", None)
             if not isinstance(obj, Dispatcher) or cache is None or not hasattr(cache, "_cache_file"):
                 continue
