@@ -22,23 +22,16 @@ def store_kv(k, v, k_cache, v_cache, pos0):
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _dot_f16(q16, kf, decode, a):
-    """q16 . kf, head_dim a multiple of 32, in llama.cpp's order: ggml_vec_dot_f16 for a
-    one-token batch (4 accumulators of 8 lanes, element d in accumulator d // 8 % 4), tinyBLAS
-    (llamafile sgemm) for more (one accumulator of 8 lanes). kf: a K row as float32 (exact from
-    fp16); a: [4, 8] float32 scratch."""
-    D = q16.shape[0]
+def _dot_f16_one(q16, kf, a):
+    """q16 . kf for a one-token batch in ggml_vec_dot_f16's order (head_dim a multiple of 32):
+    4 accumulators of 8 lanes, element d in accumulator d // 8 % 4, GGML_F32x8_REDUCE's tree.
+    kf: a K row as float32 (exact from fp16); a: [4, 8] float32 scratch."""
     a[:, :] = 0.0
-    if decode:
-        for d0 in range(0, D, 8):
-            r = (d0 >> 3) & 3
-            for l in range(8):
-                a[r, l] = fma32(kf[d0 + l], q16[d0 + l], a[r, l])
-        return reduce_4x8(a)
-    for d0 in range(0, D, 8):
+    for d0 in range(0, q16.shape[0], 8):
+        r = (d0 >> 3) & 3
         for l in range(8):
-            a[0, l] = fma32(kf[d0 + l], q16[d0 + l], a[0, l])
-    return hsum8(a[0])
+            a[r, l] = fma32(kf[d0 + l], q16[d0 + l], a[r, l])
+    return reduce_4x8(a)
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
@@ -81,7 +74,7 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
         if decode:
             a48 = np.empty((4, 8), np.float32)
             for i in range(n):
-                s[i] = _dot_f16(qh, kf[start + i, kh], decode, a48) * scale
+                s[i] = _dot_f16_one(qh, kf[start + i, kh], a48) * scale
         else:
             # tinyBLAS's order with the positions in the vector: lane l accumulates elements
             # l, l + 8, ... of the head in sequence, for all positions at once
