@@ -40,16 +40,25 @@ _C1, _C2, _C3, _C4, _C5 = (_h("0x1.0e4020p-7"), _h("0x1.573e2ep-5"), _h("0x1.555
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def ggml_expf_common(x):
-    """ggml_expf for |round(x * log2(e))| <= 126 (the usual case), branch-free so that a loop of it
-    vectorises; expf_needs_slow_path tells when it does not apply."""
+def _expf_parts(x):
+    """ggml_v_expf's common steps: n = round(x / ln 2), e = the bits of 2^n before the bias,
+    k = 2^n, j = the polynomial in the remainder."""
     x = np.float32(x)
     z = fma32(x, _LOG2E, _R)
     n = z - _R
     b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
-    k = _u32_to_f32(np.uint32(((np.uint32(_f32_to_u32(z)) << np.uint32(23)) + np.uint32(0x3F800000)) & np.uint32(0xFFFFFFFF)))
+    e = np.uint32((np.uint32(_f32_to_u32(z)) << np.uint32(23)) & np.uint32(0xFFFFFFFF))
+    k = _u32_to_f32(np.uint32((e + np.uint32(0x3F800000)) & np.uint32(0xFFFFFFFF)))
     u = b * b
     j = fma32(fma32(fma32(_C1, b, _C2), u, fma32(_C3, b, _C4)), u, _C5 * b)
+    return n, e, k, j
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def ggml_expf_common(x):
+    """ggml_expf for |round(x * log2(e))| <= 126 (the usual case), branch-free so that a loop of it
+    vectorises; expf_needs_slow_path tells when it does not apply."""
+    n, e, k, j = _expf_parts(x)
     return fma32(k, j, k)
 
 
@@ -61,14 +70,7 @@ def expf_needs_slow_path(x):
 @nb.njit(cache=True, nogil=True, inline="always")
 def ggml_expf(x):
     """exp(x) as ggml_v_expf computes each lane (ggml-cpu/vec.h, AVX2 branch)."""
-    x = np.float32(x)
-    z = fma32(x, _LOG2E, _R)
-    n = z - _R
-    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
-    e = np.int64(_f32_to_u32(z)) << 23 & 0xFFFFFFFF
-    k = _u32_to_f32(np.uint32((e + 0x3F800000) & 0xFFFFFFFF))
-    u = b * b
-    j = fma32(fma32(fma32(_C1, b, _C2), u, fma32(_C3, b, _C4)), u, _C5 * b)
+    n, e, k, j = _expf_parts(x)
     an = abs(n)
     if not an > np.float32(126.0):
         return fma32(k, j, k)
@@ -76,7 +78,7 @@ def ggml_expf(x):
     s1 = _u32_to_f32(np.uint32((g + 0x7F000000) & 0xFFFFFFFF))
     if an > np.float32(192.0):
         return s1 * s1
-    s2 = _u32_to_f32(np.uint32((e - g) & 0xFFFFFFFF))
+    s2 = _u32_to_f32(np.uint32((np.int64(e) - g) & 0xFFFFFFFF))
     return fma32(s2, j, s2) * s1
 
 

@@ -319,6 +319,16 @@ def _dequantize_row_rows(qtype, qs, qh, d, m, r, out):
                 out[32 * b + 16 + j] = db * (hi - off)
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _q6_values(a, a2, hb):
+    """Q6_K: the four values (q - 32) held by low-bit bytes a (ql[l]), a2 (ql[l + 32]) and high-bit
+    byte hb (qh[l]): elements l, l + 32, l + 64, l + 96 of the 128-element half."""
+    return (np.float32((a & 15) | ((hb & 3) << 4)) - np.float32(32.0),
+            np.float32((a2 & 15) | (((hb >> 2) & 3) << 4)) - np.float32(32.0),
+            np.float32((a >> 4) | (((hb >> 4) & 3) << 4)) - np.float32(32.0),
+            np.float32((a2 >> 4) | (((hb >> 6) & 3) << 4)) - np.float32(32.0))
+
+
 @nb.njit(cache=True, nogil=True)
 def _dequantize_row_rows_k(qtype, qs, qh, sc, d, m, r, out):
     """dequantize_row for the row layout of Q4_K and Q6_K (blocks as in GGUF, Q4_K scales unpacked)."""
@@ -339,10 +349,7 @@ def _dequantize_row_rows_k(qtype, qs, qh, sc, d, m, r, out):
                     a = qs[r, 128 * b + 64 * h + l]
                     a2 = qs[r, 128 * b + 64 * h + 32 + l]
                     hb = qh[r, 64 * b + 32 * h + l]
-                    q1 = np.float32((a & 15) | ((hb & 3) << 4)) - np.float32(32.0)
-                    q2 = np.float32((a2 & 15) | (((hb >> 2) & 3) << 4)) - np.float32(32.0)
-                    q3 = np.float32((a >> 4) | (((hb >> 4) & 3) << 4)) - np.float32(32.0)
-                    q4 = np.float32((a2 >> 4) | (((hb >> 6) & 3) << 4)) - np.float32(32.0)
+                    q1, q2, q3, q4 = _q6_values(a, a2, hb)
                     e = 256 * b + 128 * h + l
                     s0 = 16 * b + 8 * h + l // 16
                     out[e] = d[r, b] * np.float32(np.int8(sc[r, s0])) * q1
@@ -399,10 +406,7 @@ def _dequantize_row_tiles(qtype, qs, qh, sc, d, m, r, out):
                     a = qs[ti, 128 * b + 64 * h + l, tr]
                     a2 = qs[ti, 128 * b + 64 * h + 32 + l, tr]
                     hb = qh[ti, 64 * b + 32 * h + l, tr]
-                    q1 = np.float32((a & 15) | ((hb & 3) << 4)) - np.float32(32.0)
-                    q2 = np.float32((a2 & 15) | (((hb >> 2) & 3) << 4)) - np.float32(32.0)
-                    q3 = np.float32((a >> 4) | (((hb >> 4) & 3) << 4)) - np.float32(32.0)
-                    q4 = np.float32((a2 >> 4) | (((hb >> 6) & 3) << 4)) - np.float32(32.0)
+                    q1, q2, q3, q4 = _q6_values(a, a2, hb)
                     e = 256 * b + 128 * h + l
                     s0 = 16 * b + 8 * h + l // 16
                     out[e] = d[ti, b, tr] * (np.float32(sc[ti, s0, tr]) - np.float32(128.0)) * q1

@@ -192,13 +192,16 @@ def available() -> bool:
     return "+avx2" in llb.get_host_cpu_features().flatten().split(",")
 
 
-def _library(context, qtype, nt):
-    """A code library holding the IR function (linked into, and inlined by, each caller)."""
-    lib = context.codegen().create_library(fn_name(qtype, nt))
-    mod = llb.parse_assembly(ir_text(qtype, nt))
+def _call_ir(context, builder, name: str, text: str, restype, args):
+    """Emit a call to the IR function `name` defined in `text` (every argument an i64): the
+    text goes into a code library linked into, and inlined by, the calling kernel."""
+    lib = context.codegen().create_library(name)
+    mod = llb.parse_assembly(text)
     mod.verify()
     lib.add_llvm_module(mod)
-    return lib
+    context.add_linking_libs([lib])
+    fnty = ir.FunctionType(restype, [ir.IntType(64)] * len(args))
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
 
 def _make(qtype: int, nt: int):
@@ -207,10 +210,7 @@ def _make(qtype: int, nt: int):
         sig = types.void(*([types.int64] * 12))
 
         def codegen(context, builder, signature, args):
-            context.add_linking_libs([_library(context, qtype, nt)])
-            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 12)
-            fn = cgutils.get_or_insert_function(builder.module, fnty, fn_name(qtype, nt))
-            builder.call(fn, args)
+            _call_ir(context, builder, fn_name(qtype, nt), ir_text(qtype, nt), ir.VoidType(), args)
             return context.get_dummy_value()
         return sig, codegen
     return vecdot
@@ -413,14 +413,7 @@ def _kdot(name: str, ir_fn):
         sig = types.float32(*([types.int64] * 9))
 
         def codegen(context, builder, signature, args):
-            lib = context.codegen().create_library(name)
-            mod = llb.parse_assembly(ir_fn())
-            mod.verify()
-            lib.add_llvm_module(mod)
-            context.add_linking_libs([lib])
-            fnty = ir.FunctionType(ir.FloatType(), [ir.IntType(64)] * 9)
-            fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-            return builder.call(fn, args)
+            return _call_ir(context, builder, name, ir_fn(), ir.FloatType(), args)
         return sig, codegen
     return kdot
 
