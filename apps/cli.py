@@ -17,6 +17,7 @@ COMMANDS = {
     "devices": ("edgert.apps.devices", "list device profiles, or show one with its sources"),
     "simulate": ("edgert.apps.simulate", "run on the host as a device: measured and modelled time"),
     "profile": ("edgert.apps.profile", "per-layer / per-op time, bytes, I/O; Chrome trace"),
+    "convert": ("edgert.apps.convert", "GGUF -> edgert package: neuron clusters, thresholds, predictors"),
     "compare": ("edgert.apps.compare", "intermediate tensors against llama.cpp's, op by op"),
 }
 

@@ -19,11 +19,23 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
                    help="device profile (see `edgert devices`): its app share of RAM is the memory "
                         "budget and its big + mid cores the thread count [env EDGERT_DEVICE]")
     p.add_argument("--mem-budget", default=env("EDGERT_MEM_BUDGET") or None, metavar="SIZE",
-                   help="memory budget for weights, KV cache and buffers, e.g. 700MB, 1.5GB "
-                        "(overrides the device's) [env EDGERT_MEM_BUDGET; default: available memory]")
+                   help="peak RSS of the whole process, e.g. 700MB, 1.5GB (overrides the device's) "
+                        "[env EDGERT_MEM_BUDGET; default: available memory]")
     p.add_argument("--expand-q5", action="store_true", default=env("EDGERT_EXPAND_Q5") == "1",
                    help="hold Q5_0 matrices as 8-bit: faster Q5_0 products for 1.5x their memory "
                         "[env EDGERT_EXPAND_Q5=1]")
+    p.add_argument("--ffn", default=env("EDGERT_FFN"), choices=("auto", "dense", "stream", "sparse"),
+                   help="where the FFN lives: resident (dense), read from flash every use (stream), or "
+                        "sparse from a neuron cache (packages); auto: dense when it fits the budget "
+                        "[env EDGERT_FFN]")
+    p.add_argument("--sparsity", type=float, default=float(env("EDGERT_SPARSITY")) if env("EDGERT_SPARSITY") else None,
+                   help="FFN sparsity of sparse decode, one of the package's calibrated levels "
+                        "[env EDGERT_SPARSITY; default: the package's recipe]")
+    p.add_argument("--selector", default=env("EDGERT_SELECTOR"), choices=("predictor", "gate"),
+                   help="how sparse decode picks neurons: the low-rank predictor (no FFN weight read "
+                        "first) or the exact gate (gate matrix resident) [env EDGERT_SELECTOR]")
+    p.add_argument("--hot-fraction", type=float, default=0.5,
+                   help="share of the neuron cache pinned to the hottest clusters (the rest is LRU)")
     if ctx:
         p.add_argument("-c", "--ctx-size", type=int, default=int(env("EDGERT_N_CTX") or 0),
                        help="context size in tokens (0 = min(4096, the model's)) [env EDGERT_N_CTX]")
@@ -59,7 +71,7 @@ def device_threads(args) -> int | None:
 
 def load(args):
     """-> (Model, Tokenizer) for the parsed args, under the memory budget of the args."""
-    from edgert.budget import budget_from_args, measured
+    from edgert.budget import budget_from_args
     from edgert.model import Model
     from edgert.tokenizer import Tokenizer
     setup_threads(device_threads(args))
@@ -67,14 +79,15 @@ def load(args):
     budget = budget_from_args(getattr(args, "mem_budget", None), getattr(args, "device", None))
     made = []
 
-    def make_tokenizer(g):  # before the weights: its build's transient memory peaks below theirs
-        tok, nbytes = measured(lambda: Tokenizer(g.metadata, path))
-        budget.charge("tokenizer", nbytes, "tokenizer")
-        made.append(tok)
+    def make_tokenizer(g):  # before the plan: its memory is part of the measured fixed cost
+        made.append(Tokenizer(g.metadata, path))
     model = Model(path, n_ctx=getattr(args, "ctx_size", 0), n_batch=getattr(args, "batch_size", 512),
                   budget=budget, direct_io=getattr(args, "direct_io", False),
                   throttle=getattr(args, "throttle", None), tracer=getattr(args, "tracer", None),
-                  expand_q5=getattr(args, "expand_q5", False), before_weights=make_tokenizer)
+                  expand_q5=getattr(args, "expand_q5", False), before_weights=make_tokenizer,
+                  ffn=getattr(args, "ffn", "auto"), sparsity=getattr(args, "sparsity", None),
+                  selector=getattr(args, "selector", "predictor"), hot_fraction=getattr(args, "hot_fraction", 0.5),
+                  measure_recall=getattr(args, "measure_recall", False))
     return model, made[0]
 
 

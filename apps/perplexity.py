@@ -14,6 +14,10 @@ def main(argv) -> int:
     p.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens")
     p.add_argument("--chunks", type=int, default=-1, help="max chunks (-1 = all)")
     p.add_argument("-b", "--batch-size", type=int, default=512)
+    p.add_argument("--per-token", action="store_true",
+                   help="evaluate one token at a time, as decoding does (default with --ffn sparse)")
+    p.add_argument("--measure-recall", action="store_true",
+                   help="sparse FFN: hold the gate matrices too and report the predictor's recall")
     args = p.parse_args(argv)
     from edgert.errors import EdgertError
     from edgert.perplexity import perplexity
@@ -28,8 +32,15 @@ def main(argv) -> int:
     n_avail = len(ids) // args.ctx_size
     n = n_avail if args.chunks < 0 else min(args.chunks, n_avail)
     err(f"perplexity: tokenized {len(ids)} tokens; calculating over {n} chunks of n_ctx={args.ctx_size}")
-    res = perplexity(model, ids, args.ctx_size, args.chunks, bos,
+    per_token = args.per_token or model.placement.ffn == "sparse"
+    res = perplexity(model, ids, args.ctx_size, args.chunks, bos, per_token=per_token,
                      on_chunk=lambda i, v: (sys.stdout.write(f"[{i + 1}]{v:.4f},"), sys.stdout.flush()))
     sys.stdout.write("\n")
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.ppl_err:.5f}")
+    if model.placement.ffn != "dense":
+        st = model.stats.as_dict()
+        rec = "-" if st["predictor_recall"] is None else f"{st['predictor_recall']:.4f}"
+        print(f"ffn {model.placement.ffn}: selector {model.placement.selector}, sparsity {st['sparsity']:.4f}, "
+              f"recall {rec}, cluster hit rate {st['neuron_hit_rate']}, "
+              f"{st['bytes_read_per_token'] / 2**20:.2f} MiB read per token")
     return 0

@@ -23,6 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_stats(model):
+    """The FFN stores' counters of the run (sparse / streamed FFN, embedding rows from flash)."""
+    st = model.stats.as_dict()
+    if model.placement.ffn == "dense" and not st["bytes_read_per_token"]:
+        return
+    hit = "-" if st["neuron_hit_rate"] is None else f"{st['neuron_hit_rate']:.1%}"
+    err(f"{'ffn':>16} = {model.placement.ffn}: sparsity {st['sparsity']:.1%}, cluster hit rate {hit}, "
+        f"{st['bytes_read_per_token'] / 2**20:.2f} MiB read per token ({model.reader.mode if model.reader else '-'}), "
+        f"{st['io_wait_s'] * 1e3:.0f} ms waiting on I/O over {st['tokens']} tokens")
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     from edgert.chat import format_chat, template_for
@@ -63,10 +74,10 @@ def main(argv) -> int:
         err(line)
     from edgert.settings import peak_rss
     err(f"{'first token':>16} = {tm.t_load_ms + tm.t_prompt_ms + (tm.t_sample_ms / max(tm.n_sample, 1)):10.2f} ms after start of load")
-    from edgert.budget import FIXED_OVERHEAD
     err(f"{'peak RSS':>16} = {peak_rss() / 2**20:10.1f} MiB (weights {model.weight_bytes / 2**20:.1f} MiB, "
         f"KV cache {model.kv_bytes / 2**20:.1f} MiB)")
-    b = model.budget
-    err(f"{'memory budget':>16} = {b.summary()}; peak RSS - fixed overhead "
-        f"{FIXED_OVERHEAD / 2**20:.0f} MiB = {(peak_rss() - FIXED_OVERHEAD) / 2**20:.1f} MiB")
+    err(f"{'memory budget':>16} = {model.budget.summary()}")
+    for line in model.placement.lines():
+        err(line)
+    report_stats(model)
     return 0

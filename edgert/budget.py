@@ -1,15 +1,12 @@
-"""The memory budget: one accountant to which every resident buffer is charged.
+"""The memory budget: the whole process's peak RSS.
 
-The budget comes from `--mem-budget SIZE` or from a device profile's app share. Before loading,
-`plan_model` computes what a model will hold resident (weights as repacked, KV cache, scratch
-activations, the transient repack buffer, the tokenizer) from the GGUF metadata alone; a plan
-that does not fit is refused with the numbers. While loading, the model charges what it really
-allocates, so the accountant's total is the runtime's own memory.
-
-What the budget does not cover is the fixed cost of the process itself: the interpreter, NumPy,
-Numba and its compiled kernels. FIXED_OVERHEAD is that cost as measured on the host (peak RSS
-of a run of a tiny random-weight model: 151 MiB, see docs/devices.md); peak RSS of a run is
-checked against budget + FIXED_OVERHEAD.
+The budget comes from `--mem-budget SIZE` or from a device profile's app share, and caps the
+process, as a cgroup memory limit or Android's low-memory killer would. The model measures the
+process's own fixed cost when it plans (RSS after the interpreter, NumPy, Numba, the loaded
+kernels and the tokenizer: `fixed`), and the placement plan (edgert/placement.py) fits weights,
+caches, KV cache and scratch into what is left; a plan that does not fit is refused with the
+numbers before any weight is read. While loading, the model charges what it really allocates, so
+fixed + the accountant's total is the process's memory.
 """
 from __future__ import annotations
 
@@ -20,11 +17,6 @@ from edgert.errors import EdgertError
 
 log = logging.getLogger(__name__)
 
-FIXED_OVERHEAD = 160 * 2**20
-# building the tokenizer, per vocabulary entry, for the plan before loading: the peak RSS growth
-# while it is built, measured on the host (SmolLM2 49k entries: 31 MiB; Qwen2.5 152k: 93 MiB;
-# Gemma3 262k: 328 MiB, of which 139 MiB stay). The real growth is measured and charged at load.
-TOKENIZER_BYTES_PER_TOKEN = 1300
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -54,6 +46,7 @@ class MemoryBudget:
         self.source = source          # where the limit came from, for messages
         self.charges: dict[str, tuple[str, int]] = {}  # name -> (category, bytes)
         self.peak = 0
+        self.fixed = 0                # the process's measured fixed cost (set by the model's plan)
 
     @property
     def used(self) -> int:
@@ -67,9 +60,10 @@ class MemoryBudget:
 
     def charge(self, name: str, nbytes: int, category: str):
         old = self.charges.get(name, (category, 0))[1]
-        if self.used - old + nbytes > self.limit:
+        if self.fixed + self.used - old + nbytes > self.limit:
             raise EdgertError(f"memory budget exceeded: '{name}' needs {mib(nbytes)} with "
-                              f"{mib(self.used - old)} already charged, budget {mib(self.limit)} ({self.source})")
+                              f"{mib(self.used - old)} already charged and a fixed cost of {mib(self.fixed)}, "
+                              f"budget {mib(self.limit)} ({self.source})")
         self.charges[name] = (category, int(nbytes))
         self.peak = max(self.peak, self.used)
 
@@ -88,7 +82,7 @@ class MemoryBudget:
 
     def summary(self) -> str:
         cats = ", ".join(f"{k} {mib(v)}" for k, v in self.by_category().items())
-        return f"{mib(self.used)} of {mib(self.limit)} ({self.source}): {cats}"
+        return f"{mib(self.fixed + self.used)} of {mib(self.limit)} ({self.source}): fixed {mib(self.fixed)}, {cats}"
 
 
 def rss() -> int:
@@ -123,23 +117,6 @@ def budget_from_args(mem_budget: str | None, device: str | None) -> MemoryBudget
         return MemoryBudget(prof.app_budget, f"{prof.name}: {prof.app_share:.0%} of {mib(prof.ram_bytes)}")
     import psutil
     return MemoryBudget(psutil.virtual_memory().available, "available memory")
-
-
-def plan_model(g, c, n_ctx: int, n_batch: int) -> dict[str, int]:
-    """Bytes the Model will hold for GGUF `g` with config `c`: {category: bytes}."""
-    from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
-    weights = vectors = staging = 0
-    for n, t in g.tensors.items():
-        if len(t.shape) == 1:
-            vectors += t.nbytes
-            continue
-        g.check_type(n)
-        held = Q8_0 if g.expand_q5 and t.qtype == Q5_0 else t.qtype
-        weights += repacked_nbytes(held, t.rows, t.cols)
-        staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
-    return {"weights": weights + vectors, "kv cache": kv_bytes(c, n_ctx),
-            "scratch": scratch_bytes(c, n_batch), "load staging": staging,
-            "tokenizer": c.n_vocab * TOKENIZER_BYTES_PER_TOKEN}
 
 
 def kv_bytes(c, n_ctx: int) -> int:

@@ -14,10 +14,13 @@ from types import SimpleNamespace
 import numpy as np
 
 from edgert import residency
-from edgert.budget import MemoryBudget, kv_bytes, measured, plan_model, scratch_bytes
+from edgert.budget import MemoryBudget, kv_bytes, measured, rss, scratch_bytes
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
-from edgert.flash import FlashReader
+from edgert.ffn import DenseFFN, FFNScratch, StoreStats, StreamFFN, Streamer
+from edgert.flash import FlashReader, aligned_empty
+from edgert.package import cluster_layout, is_package, open_package, verify_tensors
+from edgert.placement import FFN_NAMES, _role, plan_placement
 from edgert.settings import env
 from edgert.gguf_file import GGUFFile
 from edgert.kernels.activation import geglu, swiglu
@@ -45,16 +48,38 @@ class Layer:
     k_norm: np.ndarray | None
     post_attn_norm: np.ndarray | None  # [n_embd] (gemma3)
     ffn_norm: np.ndarray         # [n_embd]
-    w_gate: QMatrix              # [n_ff, n_embd]
-    w_up: QMatrix                # [n_ff, n_embd]
-    w_down: QMatrix              # [n_embd, n_ff]
+    w_gate: QMatrix | None       # [n_ff, n_embd] (None: not resident, see Model.ffn)
+    w_up: QMatrix | None         # [n_ff, n_embd]
+    w_down: QMatrix | None       # [n_embd, n_ff]
     post_ffn_norm: np.ndarray | None
 
 
-def embed_rows(w: QMatrix, tokens, x):
-    """x[t] = row tokens[t] of the embedding table w, dequantised."""
+class FlashRows:
+    """An embedding table left on flash: each token's row is read (O_DIRECT) when it is looked up."""
+
+    def __init__(self, reader, t, stats):
+        from edgert.kernels.quant import row_bytes
+        self.reader, self.t, self.stats = reader, t, stats
+        self.rb = row_bytes(t.qtype, t.cols)
+        self.qtype, self.rows, self.cols = t.qtype, t.rows, t.cols
+        self.buf = aligned_empty(-(-self.rb // 4096) * 4096 + 4096)   # [row bytes, page padded]
+        self.nbytes = self.buf.nbytes
+
+    def row(self, tok: int) -> QMatrix:
+        from edgert.kernels.quant import repack
+        raw = self.buf[:self.rb]
+        self.reader.read_into(self.t.offset + tok * self.rb, raw)
+        self.stats.bytes_read += self.rb
+        return repack(self.qtype, raw, 1, self.cols)
+
+
+def embed_rows(w, tokens, x):
+    """x[t] = row tokens[t] of the embedding table w (a QMatrix, or FlashRows), dequantised."""
     for t, tok in enumerate(tokens):
-        dequantize_row(w, int(tok), x[t])
+        if isinstance(w, FlashRows):
+            dequantize_row(w.row(int(tok)), 0, x[t])
+        else:
+            dequantize_row(w, int(tok), x[t])
 
 
 @contextlib.contextmanager
@@ -82,16 +107,29 @@ def make_ops(c: ModelConfig) -> SimpleNamespace:
         ffn_down=matmul, post_ffn_norm=rmsnorm, out_norm=rmsnorm, output=matmul)
 
 
-def load_weights(g: GGUFFile, c: ModelConfig):
-    """-> (token_embd, output_norm, output, layers), every shape checked against the config."""
+def load_weights(g: GGUFFile, c: ModelConfig, ffn: bool = True, gate: bool = False, embd: bool = True,
+                 reader=None, stats=None):
+    """-> (token_embd, output_norm, output, layers), every shape checked against the config; the
+    FFN matrices only with ffn (the gate alone with gate), the embedding table left on flash
+    (FlashRows through reader) unless embd."""
     E, Dq, Dkv = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
 
     def opt_vec(name, n):
         return g.load_vector(name, n) if name in g.tensors else None
 
+    def opt_ffn(name, rows, cols, keep):
+        t = g.tensor(name)
+        if (rows, cols) != (t.rows, t.cols):
+            raise EdgertError(f"{g.path}: tensor '{name}' has shape {list(t.shape)}, expected [{cols}, {rows}]")
+        return g.load(name, rows, cols) if keep else None
+
     # the vocabulary-sized matrices first: their load's transient buffers then add to little
     # (loaded last, they put the process's peak ~7 MiB above its steady state)
-    tok_embd = g.load("token_embd.weight", c.n_vocab, E)
+    if embd or c.tied_embeddings:
+        tok_embd = g.load("token_embd.weight", c.n_vocab, E)
+    else:
+        g.tensor("token_embd.weight")
+        tok_embd = FlashRows(reader, g.tensors["token_embd.weight"], stats)
     output = tok_embd if c.tied_embeddings else g.load("output.weight", c.n_vocab, E)
     layers = []
     for il in range(c.n_layer):
@@ -109,9 +147,9 @@ def load_weights(g: GGUFFile, c: ModelConfig):
             k_norm=g.load_vector(p + "attn_k_norm.weight", c.head_dim) if c.qk_norm else None,
             post_attn_norm=g.load_vector(p + "post_attention_norm.weight", E) if c.post_norms else None,
             ffn_norm=g.load_vector(p + "ffn_norm.weight", E),
-            w_gate=g.load(p + "ffn_gate.weight", c.n_ff, E),
-            w_up=g.load(p + "ffn_up.weight", c.n_ff, E),
-            w_down=g.load(p + "ffn_down.weight", E, c.n_ff),
+            w_gate=opt_ffn(p + "ffn_gate.weight", c.n_ff, E, ffn or gate),
+            w_up=opt_ffn(p + "ffn_up.weight", c.n_ff, E, ffn),
+            w_down=opt_ffn(p + "ffn_down.weight", E, c.n_ff, ffn),
             post_ffn_norm=g.load_vector(p + "post_ffw_norm.weight", E) if c.post_norms else None,
         ))
     output_norm = g.load_vector("output_norm.weight", E)
@@ -123,13 +161,18 @@ class Model:
 
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, budget: MemoryBudget | None = None,
                  direct_io: bool = False, throttle=None, tracer=None, expand_q5: bool | None = None,
-                 before_weights=None):
-        """Load `path` (GGUF). Matrices are read through a FlashReader (O_DIRECT with direct_io,
-        else buffered; `throttle` a FlashCurve imposing a device's flash); `tracer` records the
-        load's reads and, attached, every op; expand_q5 holds Q5_0 matrices as 8-bit (faster,
-        1.5x their memory; default: EDGERT_EXPAND_Q5). before_weights(gguf_file) runs once the plan
-        fits the budget and before any weight is read (the app builds its tokenizer there, so the
-        tokenizer's transient memory peaks before the weights are resident, not on top of them)."""
+                 before_weights=None, ffn: str = "auto", sparsity: float | None = None,
+                 selector: str = "predictor", hot_fraction: float = 0.5, verify: bool = True,
+                 measure_recall: bool = False):
+        """Load `path` (a GGUF file or an edgert package). Matrices are read through a FlashReader
+        (O_DIRECT with direct_io, else buffered; `throttle` a FlashCurve imposing a device's
+        flash); `tracer` records the load's reads and, attached, every op; expand_q5 holds Q5_0
+        matrices as 8-bit (faster, 1.5x their memory; default: EDGERT_EXPAND_Q5).
+        before_weights(gguf_file) runs before the plan (the app builds its tokenizer there, so
+        its memory is part of the measured fixed cost). ffn: auto | dense | stream | sparse
+        (edgert/placement.py); sparsity / selector / hot_fraction: the NeuronStore's (packages);
+        verify: check every tensor's sha256 of a package before use; measure_recall: hold the
+        gate matrices too and count how many of the exactly active neurons the selector finds."""
         t0 = time.perf_counter()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
@@ -137,36 +180,47 @@ class Model:
         g.expand_q5 = env("EDGERT_EXPAND_Q5") == "1" if expand_q5 is None else expand_q5
         self.gguf = g
         self.cfg = c = config_from_gguf(g)
+        self.pkg = open_package(g) if is_package(g) else None
         if residency.enabled():  # the kernels it needs first, then the compiler's pages out, then the weights
-            qtypes = {t.qtype for t in g.tensors.values() if len(t.shape) > 1}
-            residency.preload_kernels(residency.unneeded_kernels(qtypes, c.ffn_act))
+            qtypes = {t.qtype for n, t in g.tensors.items() if len(t.shape) > 1 and not _role(n) == "package"}
+            residency.preload_kernels(residency.unneeded_kernels(qtypes, c.ffn_act, sparse=self.pkg is not None))
             residency.release_compiler_pages()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
         self.n_batch = max(1, min(n_batch, self.n_ctx))
         self.budget = budget
-        self.plan = {"metadata": meta_bytes, **plan_model(g, c, self.n_ctx, self.n_batch)}
-        if budget is not None:  # refuse before loading anything
-            budget.require(self.plan, self.path)
-            budget.charge("metadata", meta_bytes, "metadata")
-            budget.charge("load staging", self.plan["load staging"], "load staging")
         if before_weights is not None:
             before_weights(g)
+        limit = budget.limit if budget is not None else 1 << 62
+        self.placement = pl = plan_placement(g, c, self.n_ctx, self.n_batch, limit, rss(), ffn, self.pkg,
+                                             selector, sparsity, budget.source if budget is not None else "",
+                                             gate_resident=measure_recall)
+        self.plan = {"metadata": meta_bytes, **pl.plan}
+        if budget is not None:  # refused above before loading anything; the rest is charged as allocated
+            budget.fixed = pl.fixed
+            budget.charge("load staging", pl.plan["load staging"], "load staging")
+        for line in pl.lines():
+            log.info("%s", line)
+        self.reader = None  # the runtime's FlashReader (O_DIRECT): streamed / cached FFN, embedding rows
+        if pl.ffn != "dense" or pl.embd == "flash":
+            self.reader = FlashReader(self.path, direct=True, io_threads=8, throttle=throttle, tracer=tracer)
+        if self.pkg is not None and verify:
+            verify_tensors(g, reader=g.reader)
+        self.stats = StoreStats()
         t_read = time.perf_counter()
         try:
-            self.tok_embd, self.output_norm, self.output, self.layers = load_weights(g, c)
+            self.tok_embd, self.output_norm, self.output, self.layers = load_weights(
+                g, c, ffn=pl.ffn == "dense", gate=pl.ffn == "sparse" and (pl.selector == "gate" or measure_recall),
+                embd=pl.embd == "resident", reader=self.reader, stats=self.stats)
         finally:
             g.reader.close()
-            g.close()
         self.load_io = {"mode": g.reader.mode, "wall_s": time.perf_counter() - t_read, **g.reader.stats.as_dict()}
         if tracer is not None:
             tracer.span("load weights", "load", t_read, time.perf_counter(), g.reader.stats.bytes)
         self.weight_bytes = sum(w.nbytes for w in self._matrices())
-        vec_bytes = sum(t.nbytes for t in g.tensors.values() if len(t.shape) == 1)
+        vec_bytes = sum(t.nbytes for n, t in g.tensors.items() if len(t.shape) == 1 and _role(n) != "package")
         self._charge("weights", self.weight_bytes + vec_bytes)
         self._charge("kv cache", kv_bytes(c, self.n_ctx))
         self._charge("scratch", scratch_bytes(c, self.n_batch))
-        if budget is not None:
-            budget.release("load staging")
         # KV cache and scratch in small pages: NumPy asks for transparent huge pages on large
         # arrays, and a decode step touching a few positions of each layer's cache would then make
         # 2 MiB per touch resident (measured: +86 MiB for SmolLM2 at -c 4096 on the first token)
@@ -189,6 +243,11 @@ class Model:
             self.up = np.empty((B, F), np.float32)     # [B, n_ff]
             self.act_e = ActBuffers(B, E)              # quantised activations of width n_embd
             self.act_q = ActBuffers(B, max(Dq, F))     # ... of width n_head * head_dim or n_ff
+        self.ops = make_ops(c)
+        self.ffn = build_ffn(self, g, pl, hot_fraction, measure_recall)
+        if budget is not None:
+            budget.release("load staging")
+        g.close()
         # per layer: (K cache, V cache, attention window, rope theta scale, rope frequency
         # scale), the last two float32 as ggml computes them
         self.layer_args = [(self.k_cache[il], self.v_cache[il], c.swa_window if c.is_swa(il) else 0,
@@ -196,7 +255,6 @@ class Model:
                            for il in range(c.n_layer)]
         self.kq_scale = np.float32(c.kq_scale)
         self._view_cache = {}
-        self.ops = make_ops(c)
         self.tracer = None
         if tracer is not None:
             self.attach_tracer(tracer)
@@ -223,7 +281,7 @@ class Model:
         if self.output is not self.tok_embd:
             yield self.output
         for L in self.layers:
-            yield from (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)
+            yield from (w for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down) if w is not None)
 
     @property
     def kv_bytes(self) -> int:
@@ -288,8 +346,7 @@ class Model:
             v3=vv.reshape(T, c.n_head_kv, c.head_dim),
             qf=q.reshape(T * c.n_head, c.head_dim),      # [T * n_head, head_dim] (q/k norms)
             kf=k.reshape(T * c.n_head_kv, c.head_dim),
-            qkv=[[(L.wq, q), (L.wk, k), (L.wv, vv)] for L in self.layers],
-            gate_up=[[(L.w_gate, gate), (L.w_up, up)] for L in self.layers])
+            qkv=[[(L.wq, q), (L.wk, k), (L.wv, vv)] for L in self.layers])
         self._view_cache[T] = v
         return v
 
@@ -306,6 +363,7 @@ class Model:
             self._attention_block(il, L, vw, pos0)
             self._ffn_block(il, L, vw)
         self.n_past += T
+        self.stats.tokens += T
         return x
 
     def _attention_block(self, il, L: Layer, vw, pos0):
@@ -334,11 +392,9 @@ class Model:
 
     def _ffn_block(self, il, L: Layer, vw):
         c, ops = self.cfg, self.ops
-        x, xn, gate, o = vw.x, vw.xn, vw.gate, vw.o
+        x, xn, o = vw.x, vw.xn, vw.o
         ops.ffn_norm(x, L.ffn_norm, c.rms_eps, xn)
-        ops.gate_up(xn, vw.gate_up[il], self.act_e)
-        ops.act(gate, vw.up, gate)
-        ops.ffn_down(L.w_down, gate, o, self.act_q)
+        self.ffn[il](xn, o)  # the layer's store: dense, stream or sparse (edgert/ffn.py)
         if L.post_ffn_norm is not None:
             ops.post_ffn_norm(o, L.post_ffn_norm, c.rms_eps, o)
         x += o
@@ -351,3 +407,35 @@ class Model:
         out = np.empty((T, c.n_vocab), np.float32)  # [T, n_vocab]
         self.ops.output(self.output, xn, out, self.act_e)
         return out
+
+
+def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bool = False) -> list:
+    """The FFN store of every layer, as the placement plan says (charged to the budget)."""
+    c = m.cfg
+    scratch = FFNScratch(m)
+    if pl.ffn == "dense":
+        return [DenseFFN(L.w_gate, L.w_up, L.w_down, scratch) for L in m.layers]
+    tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
+    streamer = Streamer(m.reader, tensors, m.stats)
+    m._charge("ffn staging", pl.plan["ffn staging"])
+    streams = [StreamFFN(il, streamer, scratch) for il in range(c.n_layer)]
+    if pl.ffn == "stream":
+        return streams
+    from edgert.kernels.matmul import _THREADS
+    from edgert.neuron_store import NeuronStore
+    level = m.pkg.level_index(pl.sparsity)
+    L0 = cluster_layout(tensors[0][0].qtype, tensors[0][1].qtype, c.n_embd, m.pkg.C)
+    n_slots = pl.cache_bytes // (c.n_layer * L0.nbytes)
+    stores = []
+    for il in range(c.n_layer):
+        tg, tu = tensors[il][0], tensors[il][1]
+        if (tg.qtype, tu.qtype) != (L0.gate_type, L0.up_type):
+            raise EdgertError(f"{g.path}: layer {il}'s gate / up types differ from layer 0's")
+        s = NeuronStore(g, il, c, L0, n_slots, int(n_slots * hot_fraction), m.reader, level, pl.selector,
+                        scratch, streams[il], m.stats, gate=m.layers[il].w_gate, nthreads=_THREADS[0],
+                        measure_recall=measure_recall)
+        s.pin_hottest()
+        stores.append(s)
+    m._charge("predictors", sum(s.a_q.nbytes + s.b_q.nbytes for s in stores))
+    m._charge("neuron cache", sum(s.slots.nbytes for s in stores))
+    return stores

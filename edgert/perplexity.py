@@ -27,7 +27,20 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return z[np.arange(len(targets)), targets] - lse
 
 
-def perplexity(model, tokens, n_ctx: int, n_chunks: int = -1, bos_id=None, on_chunk=None) -> PerplexityResult:
+def chunk_logits(model, chunk, per_token: bool) -> np.ndarray:
+    """Logits [len(chunk), n_vocab] of a chunk from position 0: one batch, or (per_token) one
+    decode step per token, as generation runs (the sparse FFN is a decode path)."""
+    model.reset()
+    if not per_token:
+        return model.forward(chunk, all_logits=True)
+    out = np.empty((len(chunk), model.cfg.n_vocab), np.float32)
+    for i, t in enumerate(chunk):
+        out[i] = model.forward([t])[-1]
+    return out
+
+
+def perplexity(model, tokens, n_ctx: int, n_chunks: int = -1, bos_id=None, on_chunk=None,
+               per_token: bool = False) -> PerplexityResult:
     """tokens: the whole text's ids (BOS included if the model adds one)."""
     tokens = np.asarray(tokens, np.int64)
     if n_ctx < 4:
@@ -45,8 +58,7 @@ def perplexity(model, tokens, n_ctx: int, n_chunks: int = -1, bos_id=None, on_ch
         chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
         if bos_id is not None:
             chunk[0] = bos_id
-        model.reset()
-        logits = model.forward(chunk, all_logits=True)  # [n_ctx, n_vocab]
+        logits = chunk_logits(model, chunk, per_token)  # [n_ctx, n_vocab]
         lp = log_softmax_at(logits[first:n_ctx - 1], chunk[first + 1:])
         nlls.append(-lp)
         chunk_ppl.append(float(np.exp(np.concatenate(nlls).mean())))

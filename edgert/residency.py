@@ -22,7 +22,7 @@ from edgert.settings import env
 
 log = logging.getLogger(__name__)
 
-KERNEL_MODULES = ("quant", "simd", "matmul", "norm", "rope", "attention", "activation")
+KERNEL_MODULES = ("quant", "simd", "matmul", "norm", "rope", "attention", "activation", "sparse")
 MADV_DONTNEED = 4
 
 
@@ -31,9 +31,10 @@ def enabled() -> bool:
     return env("EDGERT_RELEASE_JIT") != "0" and not numba.config.DISABLE_JIT
 
 
-def unneeded_kernels(qtypes, ffn_act: str) -> set:
+def unneeded_kernels(qtypes, ffn_act: str, sparse: bool = False) -> set:
     """Kernels a model with these matrix types and FFN activation never calls (not worth their
-    memory: the tile-layout kernels alone are ~9 MiB loaded)."""
+    memory: the tile-layout kernels alone are ~9 MiB loaded); the sparse-FFN kernels only for
+    packages."""
     from edgert.kernels.quant import ROW_TYPES
     from edgert.kernels.simd import available
     skip = {"geglu", "gelu_f32"} if ffn_act != "gelu" else {"swiglu"}
@@ -41,6 +42,8 @@ def unneeded_kernels(qtypes, ffn_act: str) -> set:
         skip |= {"matmul_q", "_tile", "_tile_k", "_hsum8_strict", "_dequantize_row_tiles"}
     if not any(q in (12, 14) for q in qtypes):
         skip |= {"matmul_rows_k", "_dequantize_row_rows_k"}
+    if not sparse:
+        skip |= {"sparse_ffn", "predict_gate", "select_above"}
     return skip
 
 

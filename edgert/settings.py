@@ -14,6 +14,9 @@ KNOBS = {
     "EDGERT_EXPAND_Q5": ("0", "1: hold Q5_0 matrices as 8-bit (1.5x their memory; little faster since the AVX2 kernels)"),
     "EDGERT_SIMD": ("1", "0: run Q4_0/Q5_0/Q8_0 products in the portable float kernels even where the CPU has AVX2"),
     "EDGERT_RELEASE_JIT": ("1", "0: keep the JIT compiler's pages resident after the kernels are loaded (edgert/residency.py)"),
+    "EDGERT_FFN": ("auto", "default for --ffn: auto, dense, stream or sparse (edgert/placement.py)"),
+    "EDGERT_SPARSITY": ("", "default for --sparsity (sparse decode of packages)"),
+    "EDGERT_SELECTOR": ("predictor", "default for --selector: predictor or gate"),
     "EDGERT_LOG": ("WARNING", "log level of the library (DEBUG, INFO, WARNING)"),
     "NUMBA_CACHE_DIR": ("~/.cache/edgert/numba", "where Numba keeps compiled kernels (in a subdirectory per hash of the kernel sources)"),
 }

@@ -10,14 +10,23 @@ _SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 _GELU_COEF_A = np.float32(0.044715)
 
 
+ACT_SILU, ACT_GELU = 0, 1  # act_scalar kinds
+ACT_KIND = {"silu": ACT_SILU, "gelu": ACT_GELU}
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def silu(x):
+    """x / (1 + exp(-x)) with ggml's expf and operation order (ggml_v_silu)."""
+    return x / (np.float32(1.0) + ggml_expf(np.float32(0.0) - x))
+
+
 @nb.njit(cache=True, nogil=True)
 def swiglu(g, u, out):
-    """out[T, n] = g / (1 + exp(-g)) * u, with ggml's expf and operation order (ggml_v_silu)."""
+    """out[T, n] = silu(g) * u."""
     T, n = g.shape
     for t in range(T):
         for j in range(n):
-            x = g[t, j]
-            out[t, j] = (x / (np.float32(1.0) + ggml_expf(np.float32(0.0) - x))) * u[t, j]
+            out[t, j] = silu(g[t, j]) * u[t, j]
 
 
 @nb.njit(cache=True, nogil=True)
@@ -28,18 +37,26 @@ def gelu_f32(x):
     return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_SQRT_2_OVER_PI * x * inner))
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def gelu_table(x):
+    """gelu evaluated on fp16-rounded input and rounded to fp16 (ggml's GGML_GELU_FP16 table)."""
+    if x <= np.float32(-10.0):
+        return np.float32(0.0)
+    if x >= np.float32(10.0):
+        return x
+    return round_f16(gelu_f32(round_f16(x)))
+
+
 @nb.njit(cache=True, nogil=True)
 def geglu(g, u, out):
-    """out[T, n] = gelu(g) * u, gelu evaluated on fp16-rounded input and rounded to fp16 (ggml's
-    GGML_GELU_FP16 table)."""
+    """out[T, n] = gelu(g) * u (gelu_table)."""
     T, n = g.shape
     for t in range(T):
         for j in range(n):
-            x = g[t, j]
-            if x <= np.float32(-10.0):
-                y = np.float32(0.0)
-            elif x >= np.float32(10.0):
-                y = x
-            else:
-                y = round_f16(gelu_f32(round_f16(x)))
-            out[t, j] = y * u[t, j]
+            out[t, j] = gelu_table(g[t, j]) * u[t, j]
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def act_scalar(kind, x):
+    """The FFN activation of one gate value: ACT_SILU or ACT_GELU."""
+    return gelu_table(x) if kind == 1 else silu(x)

@@ -1,0 +1,77 @@
+"""edgert convert: a GGUF model -> an edgert package (neuron clusters, thresholds, predictors)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from edgert.apps.common import err, is_tty, model_path, setup_threads
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgert convert", description=__doc__)
+    p.add_argument("model", help="source .gguf file or pulled model name")
+    p.add_argument("-o", "--output", required=True, help="package to write (*.edgert.gguf)")
+    p.add_argument("--calib", default=None,
+                   help="calibration text file (default: the Python standard library's pydoc topics)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="the recipe's target FFN sparsity (orders neurons)")
+    p.add_argument("--levels", default="0.3,0.5,0.6,0.7,0.8",
+                   help="comma-separated sparsities to calibrate thresholds for (selectable at run time)")
+    p.add_argument("--rank", type=int, default=64, help="rank of the low-rank gate predictor")
+    p.add_argument("--recall", type=float, default=0.9,
+                   help="recall the predictor's thresholds are calibrated for (of the exact gate's active neurons)")
+    p.add_argument("--cluster", type=int, default=0, help="neurons per cluster (0 = chosen from the row sizes)")
+    p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens")
+    p.add_argument("--device", default=None, help="device profile: its core count sets the threads")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    return p
+
+
+def default_calibration() -> tuple[str, str]:
+    """English prose and code that ships with Python: pydoc_data.topics (about 465 KB)."""
+    from pydoc_data import topics
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics)), "pydoc_data.topics"
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from edgert.errors import EdgertError
+    from edgert.converters.package import convert
+    setup_threads(args.threads)
+    src = model_path(args.model)
+    if args.calib:
+        try:
+            with open(args.calib, encoding="utf-8") as f:
+                text, name = f.read(), args.calib
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgertError(f"{args.calib}: cannot read calibration text ({e})") from None
+    else:
+        text, name = default_calibration()
+    try:
+        levels = [float(s) for s in args.levels.split(",") if s.strip()]
+    except ValueError:
+        raise EdgertError(f"--levels '{args.levels}': not a list of numbers") from None
+    if not all(0 <= s < 1 for s in levels):
+        raise EdgertError(f"--levels '{args.levels}': each sparsity must be in [0, 1)")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise EdgertError(f"{args.output}: directory {out_dir} does not exist")
+    bars = {}
+
+    def progress(stage, n, total):
+        if not is_tty():
+            return
+        from tqdm import tqdm
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, unit="B" if stage == "write" else "",
+                               unit_scale=stage == "write", leave=True)
+        b = bars[stage]
+        b.update(n - b.n)
+    recipe = convert(src, args.output, text, name, sparsity=args.sparsity, levels=levels, rank=args.rank,
+                     recall=args.recall, cluster=args.cluster, calib_tokens=args.calib_tokens, progress=progress)
+    for b in bars.values():
+        b.close()
+    size = os.path.getsize(args.output)
+    err(f"convert: wrote {args.output} ({size / 2**20:.1f} MiB): sparsity {recipe['sparsity']:g}, "
+        f"{recipe['cluster_neurons']} neurons a cluster, predictor rank {recipe['predictor_rank']}, "
+        f"calibrated on {recipe['calib_tokens']} tokens of {recipe['calib_name']}")
+    return 0

@@ -1,0 +1,132 @@
+"""The placement plan: before any weight is read, where every tensor lives.
+
+    resident  in RAM (attention, norms, the LM head, predictors; the FFN when it fits)
+    cached    a NeuronStore keeps the hottest FFN clusters pinned and an LRU of others in RAM,
+              the rest is read from flash when a token needs it (packages only)
+    stream    the FFN read from flash for every use (plain GGUF files bigger than the budget)
+    flash     token-embedding rows read per token
+
+Computed from the file's tensors, the context and batch sizes, and the memory left after the
+process's measured fixed cost (interpreter, libraries, kernels, tokenizer). `--ffn` forces a
+choice; `auto` keeps the FFN resident when everything fits, else caches it (package) or streams it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgert.budget import kv_bytes, mib, scratch_bytes
+from edgert.errors import EdgertError
+
+FFN_NAMES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+PACKAGE_SUFFIXES = ("ffn_clusters", "ffn_perm", "ffn_freq", "ffn_thresh", "pred_a", "pred_a_scale",
+                    "pred_b", "pred_b_scale", "pred_thresh")
+MIN_SLOTS = 4       # neuron-cache slots per layer below which a sparse plan is refused
+SLACK = 24 << 20    # allocator and interpreter growth after planning (measured: 5-15 MiB)
+
+
+@dataclass
+class Placement:
+    ffn: str                  # dense | stream | sparse
+    embd: str                 # resident | flash
+    selector: str             # predictor | gate (sparse only)
+    sparsity: float
+    fixed: int                # measured RSS of the process when planning
+    limit: int
+    plan: dict = field(default_factory=dict)   # category -> bytes on top of `fixed`
+    cache_bytes: int = 0      # neuron cache, all layers (sparse)
+
+    def lines(self) -> list[str]:
+        """The plan, as llama.cpp prints its offload summary."""
+        out = [f"placement: ffn {self.ffn}" + (f" ({self.selector} selector, sparsity {self.sparsity:g}, "
+                                                f"neuron cache {mib(self.cache_bytes)})" if self.ffn == "sparse" else "")
+               + f", token embedding {self.embd}",
+               f"placement: fixed process cost {mib(self.fixed)} measured + "
+               + ", ".join(f"{k} {mib(v)}" for k, v in self.plan.items() if v)
+               + f" = {mib(self.fixed + sum(self.plan.values()))} of budget {mib(self.limit)}"]
+        return out
+
+
+def _role(name: str) -> str:
+    if name.endswith(PACKAGE_SUFFIXES) and name.startswith("blk."):
+        return "package"
+    if name.endswith(FFN_NAMES):
+        return "ffn"
+    if name == "token_embd.weight":
+        return "embd"
+    return "other"
+
+
+def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode: str = "auto",
+                   pkg=None, selector: str = "predictor", sparsity: float | None = None,
+                   source: str = "", gate_resident: bool = False) -> Placement:
+    from edgert.ffn import staging_bytes
+    from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
+    by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0}
+    staging = 0
+    for n, t in g.tensors.items():
+        role = _role(n)
+        if role == "package":
+            if not n.endswith(("ffn_clusters", "ffn_freq")):  # clusters: the cache; freq: convert only
+                by["package"] += t.nbytes
+            continue
+        if len(t.shape) == 1:
+            by["vectors"] += t.nbytes
+            continue
+        g.check_type(n)
+        held = Q8_0 if g.expand_q5 and t.qtype == Q5_0 else t.qtype
+        b = repacked_nbytes(held, t.rows, t.cols)
+        by[role] += b
+        if n.endswith("ffn_gate.weight"):
+            by["gate"] += b
+        staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
+    tied = "output.weight" not in g.tensors
+    base = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
+            "scratch": scratch_bytes(c, n_batch), "load staging": staging}
+    avail = limit - fixed - SLACK
+    if avail <= 0:
+        raise EdgertError(f"{g.path}: the memory budget {mib(limit)} ({source}) is below this process's fixed cost "
+                          f"{mib(fixed)} (interpreter, libraries, kernels, tokenizer) + {mib(SLACK)} slack")
+    layers = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
+    stream_stage = 2 * staging_bytes(layers) + max(sum(repacked_nbytes(t.qtype, t.rows, t.cols) for t in ts)
+                                               for ts in layers)
+    dense = {**base, "embedding": by["embd"], "ffn": by["ffn"]}
+    if mode == "auto":
+        mode = "dense" if sum(dense.values()) <= avail else ("sparse" if pkg is not None else "stream")
+    if mode not in ("dense", "stream", "sparse"):
+        raise EdgertError(f"--ffn {mode}: must be auto, dense, stream or sparse")
+    if mode == "sparse" and pkg is None:
+        raise EdgertError(f"{g.path}: --ffn sparse needs an edgert package (make one with edgert convert)")
+    s = sparsity if sparsity is not None else (float(pkg.recipe["sparsity"]) if pkg else 0.0)
+    p = Placement(mode, "resident", selector, s, fixed, limit)
+    if mode == "dense":
+        p.plan = dense
+    else:
+        p.embd = "resident" if tied else "flash"
+        p.plan = {**base, "embedding": by["embd"] if tied else 0, "ffn staging": stream_stage}
+        if mode == "sparse":
+            if selector not in ("predictor", "gate"):
+                raise EdgertError(f"--selector {selector}: must be predictor or gate")
+            p.plan["predictors"] = by["package"]
+            if selector == "gate" or gate_resident:
+                p.plan["ffn gate (resident)"] = by["gate"]
+            from edgert.package import cluster_layout
+            tg, tu = layers[0][0], layers[0][1]
+            L = cluster_layout(tg.qtype, tu.qtype, c.n_embd, pkg.C)
+            n_cl = -(-c.n_ff // pkg.C)
+            room = avail - sum(p.plan.values())
+            per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
+            if per_layer < MIN_SLOTS:
+                raise EdgertError(
+                    f"{g.path}: the memory budget {mib(limit)} ({source}) leaves {mib(max(room, 0))} for the neuron cache "
+                    f"after the fixed cost {mib(fixed)} and " + ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)
+                    + f"; at least {mib(MIN_SLOTS * L.nbytes * c.n_layer)} ({MIN_SLOTS} clusters a layer) is needed")
+            p.cache_bytes = per_layer * c.n_layer * L.nbytes
+            p.plan["neuron cache"] = p.cache_bytes
+    need = sum(p.plan.values())
+    if need > avail:
+        parts = ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)
+        hint = "; an edgert package runs it sparse from flash (edgert convert)" if pkg is None else ""
+        raise EdgertError(f"{g.path}: needs {mib(need)} resident ({parts}) on top of the process's fixed cost "
+                          f"{mib(fixed)} but the memory budget is {mib(limit)} ({source}); lower -c / --ctx-size, "
+                          f"use --ffn stream{hint}")
+    return p
