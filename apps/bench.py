@@ -32,7 +32,62 @@ def build_parser():
     p.add_argument("--baseline", choices=["llama.cpp"], default=None, help="also measure llama.cpp")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--device", default="host", help="device profile name recorded in the output")
+    p.add_argument("--mem-budget", default=None, metavar="LIST",
+                   help="memory budgets, comma-separated: sizes (447MB) or shares of the source GGUF "
+                        "file (40%%); edgert plans to each, and with --cap every worker runs in a cgroup "
+                        "v1 memory cap of that size")
+    p.add_argument("--cap", action="store_true",
+                   help="enforce each budget as a cgroup v1 memory cap on every worker (root; the "
+                        "files' page cache dropped before each start; llama.cpp without weight repacking)")
+    p.add_argument("--ffn", default="auto", help="edgert FFN placements to run, comma-separated "
+                                                 "(auto, dense, stream, sparse)")
+    p.add_argument("--sparsity", default=None, help="sparse FFN sparsities, comma-separated (package levels)")
+    p.add_argument("--selector", default="predictor", help="sparse FFN selectors, comma-separated (predictor, gate)")
+    p.add_argument("--source", default=None,
+                   help="the GGUF llama.cpp runs when -m is an edgert package (default: the package "
+                        "recipe's source file, beside the package or among pulled models)")
     return p
+
+
+def source_of(path: str, explicit: str | None) -> str:
+    """The plain GGUF behind an edgert package (or the file itself)."""
+    from edgert.errors import EdgertError
+    from edgert.gguf_file import GGUFFile
+    from edgert.package import is_package
+    g = GGUFFile(path)
+    try:
+        if not is_package(g):
+            return path
+        name = g.get("edgert.recipe.source_name")
+    finally:
+        g.close()
+    if explicit:
+        return explicit
+    from edgert.settings import env
+    import os
+    for d in (os.path.dirname(os.path.abspath(path)), os.path.expanduser(env("EDGERT_MODELS"))):
+        c = os.path.join(d, name)
+        if os.path.exists(c):
+            return c
+    raise EdgertError(f"{path}: its source {name} was not found beside it or among pulled models (--source)")
+
+
+def parse_budgets(text: str | None, size: int) -> list:
+    from edgert.budget import parse_size
+    from edgert.errors import EdgertError
+    if not text:
+        return [0]
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.endswith("%"):
+            try:
+                out.append(int(float(part[:-1]) / 100 * size))
+            except ValueError:
+                raise EdgertError(f"--mem-budget '{part}': not a percentage") from None
+        else:
+            out.append(parse_size(part))
+    return out
 
 
 def main(argv) -> int:
@@ -57,9 +112,34 @@ def main(argv) -> int:
     if args.repetitions < 1:
         raise EdgertError("-r must be at least 1")
     backends = ["edgert"] + ([args.baseline] if args.baseline else [])
+    import os
+
+    from edgert.bench import Variant
+    ffns = [x.strip() for x in args.ffn.split(",") if x.strip()]
+    sps = [float(x) for x in args.sparsity.split(",")] if args.sparsity else [None]
+    sels = [x.strip() for x in args.selector.split(",") if x.strip()]
+    sources = {p: source_of(p, args.source) for p in paths}
+
+    def variants(path):
+        vs = []
+        for f in ffns:
+            for sp in (sps if f == "sparse" else [None]):
+                for sel in (sels if f == "sparse" else ["predictor"]):
+                    vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel))))
+        if args.baseline:
+            vs.append(Variant(args.baseline, sources[path]))
+        return vs
+    if args.cap:
+        from edgert.cgroup import available
+        if not available():
+            raise EdgertError("--cap needs root and the cgroup v1 memory controller (/sys/fs/cgroup/memory)")
+    budgets_of = {p: parse_budgets(args.mem_budget, os.path.getsize(sources[p])) for p in paths}
     tty = is_tty()
-    results = run_bench(paths, tests, threads, args.repetitions, backends, warmup=not args.no_warmup,
-                        progress=(lambda s: err(f"\r{s:<78}") if tty else None))
+    results = []
+    for p in paths:  # budgets are relative to each model's source file
+        results += run_bench([p], tests, threads, args.repetitions, backends, warmup=not args.no_warmup,
+                             progress=(lambda s: err(f"\r{s:<78}") if tty else None), variants=variants,
+                             budgets=budgets_of[p], cap=args.cap)
     if tty:
         err("")
     bw = {t: memory_bandwidth(t) for t in threads}
@@ -108,29 +188,47 @@ def record(r, bw, meta) -> dict:
         "stddev_ns": int(statistics.stdev(r.samples_ns)) if len(r.samples_ns) > 1 else 0,
         "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "samples_ns": r.samples_ns, "samples_ts": r.samples_ts,
         "peak_rss_bytes": r.peak_rss_bytes, "achieved_bytes_per_s": gbs, "memory_bandwidth_bytes_per_s": bw[r.threads],
+        "mem_budget_bytes": r.mem_budget_bytes, "capped": r.capped, "cap_peak_bytes": r.cap_peak_bytes,
+        "killed": r.killed, "sparsity": r.stats.get("sparsity"), "predictor_recall": r.stats.get("predictor_recall"),
+        "neuron_hit_rate": r.stats.get("neuron_hit_rate"), "bytes_read_per_token": r.stats.get("bytes_read_per_token"),
+        "io_wait_s": r.stats.get("io_wait_s"), "ffn": r.stats.get("ffn"),
     }
 
 
 def markdown(results, bw) -> str:
-    base = {(r.model, r.threads, r.test): r for r in results if r.backend == "llama.cpp"}
+    base = {(r.model, r.threads, r.test, r.mem_budget_bytes): r for r in results if r.backend == "llama.cpp"}
     has_base = bool(base)
-    head = ["model", "size", "params", "backend", "threads", "test", "t/s", "GB/s", "peak RSS"]
+    budgets = any(r.mem_budget_bytes for r in results)
+    sparse = any(r.stats.get("ffn") in ("sparse", "stream") for r in results)
+    head = ["model", "size", "params", "backend", "threads", "test"] + (["budget"] if budgets else []) + \
+        ["t/s", "GB/s", "peak RSS"] + (["ffn: sparsity / hit / MiB read per token / I/O wait"] if sparse else [])
     if has_base:
         head.append("vs llama.cpp")
     rows = []
     for r in results:
         gbs = _gbs(r, bw)
         row = [r.info["model_type"], f"{r.info['model_size'] / 2**20:.2f} MiB",
-               f"{r.info['model_n_params'] / 1e6:.2f} M", r.backend, str(r.threads), r.test.name,
-               f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
-               f"{gbs / 1e9:.1f} / {bw[r.threads] / 1e9:.1f}" if gbs else "",
-               f"{r.peak_rss_bytes / 2**20:.0f} MiB"]
+               f"{r.info['model_n_params'] / 1e6:.2f} M", r.backend, str(r.threads), r.test.name]
+        if budgets:
+            row.append((f"{r.mem_budget_bytes / 2**20:.0f} MiB" + (" cap" if r.capped else "")) if r.mem_budget_bytes else "-")
+        row += [r.killed or f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
+                f"{gbs / 1e9:.1f} / {bw[r.threads] / 1e9:.1f}" if gbs and not budgets else "",
+                f"{r.peak_rss_bytes / 2**20:.0f} MiB" if r.samples_ns else ""]
+        if sparse:
+            st = r.stats
+            if st.get("ffn") in ("sparse", "stream"):
+                hit = "-" if st.get("neuron_hit_rate") is None else f"{st['neuron_hit_rate']:.0%}"
+                row.append(f"{st['sparsity']:.0%} / {hit} / {st['bytes_read_per_token'] / 2**20:.1f} / "
+                           f"{st['io_wait_s'] / max(st['tokens'], 1) * 1e3:.0f} ms")
+            else:
+                row.append(st.get("ffn", "") or "")
         if has_base:
-            b = base.get((r.model, r.threads, r.test))
-            row.append(f"{r.avg_ts / b.avg_ts:.2f}" if b is not None and r.backend != "llama.cpp" else "")
+            b = base.get((r.model, r.threads, r.test, r.mem_budget_bytes))
+            ok = b is not None and r.backend != "llama.cpp" and b.samples_ns and r.samples_ns
+            row.append(f"{r.avg_ts / b.avg_ts:.2f}" if ok else "")
         rows.append(row)
     w = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
-    right = {2, 4, 6, 7, 8, 9}
+    right = {2, 4} | {i for i, h in enumerate(head) if h in ("t/s", "GB/s", "peak RSS", "vs llama.cpp", "budget")}
     line = lambda cells: "| " + " | ".join(c.rjust(w[i]) if i in right else c.ljust(w[i]) for i, c in enumerate(cells)) + " |"
     sep = "| " + " | ".join(("-" * (w[i] - 1) + ":") if i in right else "-" * w[i] for i in range(len(head))) + " |"
     return "\n".join([line(head), sep] + [line(r) for r in rows]) + "\n"

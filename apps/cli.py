@@ -18,6 +18,7 @@ COMMANDS = {
     "simulate": ("edgert.apps.simulate", "run on the host as a device: measured and modelled time"),
     "profile": ("edgert.apps.profile", "per-layer / per-op time, bytes, I/O; Chrome trace"),
     "convert": ("edgert.apps.convert", "GGUF -> edgert package: neuron clusters, thresholds, predictors"),
+    "tradeoff": ("edgert.apps.tradeoff", "perplexity vs FFN sparsity of a package, per selector"),
     "compare": ("edgert.apps.compare", "intermediate tensors against llama.cpp's, op by op"),
 }
 

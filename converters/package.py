@@ -2,10 +2,14 @@
 
 1. calibrate: run edgert's own forward pass over the calibration text and record, per layer, the
    FFN input and the gate pre-activations of every token;
-2. per layer: |act(gate)| thresholds for each sparsity level (CATS / TEAL style), the activation
-   frequency of each neuron at the recipe's sparsity, the hot-to-cold neuron order, and a low-rank
-   gate predictor fitted by reduced-rank least squares on the recorded inputs (Deja Vu style, closed
-   form: the best rank-r linear map from the FFN input to the gate on the calibration tokens);
+2. per layer: thresholds on |act(gate) * up| for each sparsity level (a neuron is kept when its
+   product is above: TEAL style on the down projection's input; thresholding |act(gate)| alone,
+   as CATS does, measured +16% perplexity on Qwen2.5-Coder-0.5B at 50% where the product costs
+   nothing), the activation frequency of each neuron at the recipe's sparsity, the hot-to-cold
+   neuron order, a low-rank gate predictor fitted by reduced-rank least squares on the recorded
+   inputs (Deja Vu style, closed form: the best rank-r linear map from the FFN input to the gate),
+   and for the predicted and for the exact gate a candidate threshold that keeps `recall` of the
+   neurons the product threshold keeps;
 3. lay out each layer's neurons as clusters (gate row, up row, down column of each neuron; the
    down column re-quantised to Q8_0 along n_embd, the gate and up rows copied losslessly);
 4. write one GGUF file (source metadata and tensors unchanged, 4 KiB alignment, recipe, sha256 per
@@ -42,25 +46,28 @@ def file_sha256(path: str) -> str:
 # ============================================================================================
 
 class _Recorder:
-    """An FFN store that runs the dense FFN and records its input and gate pre-activations."""
+    """An FFN store that runs the dense FFN and records its input, gate and up outputs."""
 
     def __init__(self, inner, rec):
-        self.inner, self.rec = inner, rec   # rec: {"x": [arrays [T, E]], "g": [arrays [T, n_ff]]}
+        self.inner, self.rec = inner, rec   # rec: {"x": [T, E] arrays, "g", "u": [T, n_ff] arrays}
 
     def __call__(self, xn, out):
         from edgert.kernels.matmul import matmul
         s = self.inner.s
         g = np.empty((xn.shape[0], self.inner.w_gate.rows), np.float32)
+        u = np.empty_like(g)
         matmul(self.inner.w_gate, xn, g, s.act_e)
+        matmul(self.inner.w_up, xn, u, s.act_e)
         self.rec["x"].append(xn.copy())
         self.rec["g"].append(g)
+        self.rec["u"].append(u.astype(np.float16))
         self.inner(xn, out)
 
 
 def calibrate(model, ids, window: int, progress=None):
-    """-> per layer (X [N, E] float32, G [N, n_ff] float32) over the tokens `ids`, in windows of
-    `window` tokens (each a fresh context, as perplexity does)."""
-    recs = [{"x": [], "g": []} for _ in model.ffn]
+    """-> per layer (X [N, E] float32, G [N, n_ff] float32, U [N, n_ff] float16) over the tokens
+    `ids`, in windows of `window` tokens (each a fresh context, as perplexity does)."""
+    recs = [{"x": [], "g": [], "u": []} for _ in model.ffn]
     saved = list(model.ffn)
     model.ffn = [_Recorder(f, r) for f, r in zip(saved, recs)]
     try:
@@ -72,7 +79,7 @@ def calibrate(model, ids, window: int, progress=None):
     finally:
         model.ffn = saved
         model.reset()
-    return [(np.concatenate(r["x"]), np.concatenate(r["g"])) for r in recs]
+    return [(np.concatenate(r["x"]), np.concatenate(r["g"]), np.concatenate(r["u"])) for r in recs]
 
 
 def act_abs(kind: str, g: np.ndarray) -> np.ndarray:
@@ -270,8 +277,10 @@ def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, spar
     s_idx = levels.index(float(sparsity))
     extra = {}
     rank = min(rank, c.n_embd)
-    for il, (X, G) in enumerate(recs):
-        a = act_abs(c.ffn_act, G)                          # [N, n_ff]
+    for il in range(len(recs)):
+        X, G, U = recs[il]
+        ag = act_abs(c.ffn_act, G)                         # [N, n_ff] |act(gate)|
+        a = ag * np.abs(U.astype(np.float32))              # [N, n_ff] |act(gate) * up|: what is kept
         th = thresholds(a, levels)
         freq = (a > th[s_idx]).mean(axis=0).astype(np.float32)
         perm = np.argsort(-freq, kind="stable").astype(np.int32)
@@ -279,17 +288,20 @@ def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, spar
         a_q, a_s = quantize_rows_int8(A)
         b_q, b_s = quantize_rows_int8(B[perm])
         pa = act_abs(c.ffn_act, predict(X, a_q, a_s, b_q, b_s))
+
+        def candidate(score):  # per level: the score threshold that keeps `recall` of what is kept
+            return np.array([-1.0 if s == 0 else np.quantile(score[a > t], 1 - recall) if (a > t).any() else 0.0
+                             for s, t in zip(levels, th)], np.float32)
         p = f"blk.{il}."
         extra[p + "ffn_clusters"] = build_clusters(src, il, perm, C, c.n_embd, c.n_ff)
         extra[p + "ffn_perm"] = perm
         extra[p + "ffn_freq"] = freq[perm]
         extra[p + "ffn_thresh"] = th
+        extra[p + "gate_thresh"] = candidate(ag)
         extra[p + "pred_a"], extra[p + "pred_a_scale"] = a_q, a_s
         extra[p + "pred_b"], extra[p + "pred_b_scale"] = b_q, b_s
-        # the predictor's threshold per level: low enough that it finds `recall` of the neurons
-        # the exact gate keeps (the kernel then skips the rest by their exact gate)
-        extra[p + "pred_thresh"] = np.array([-1.0 if s == 0 else np.quantile(pa[a > t], 1 - recall)
-                                             if (a > t).any() else 0.0 for s, t in zip(levels, th)], np.float32)
+        extra[p + "pred_thresh"] = candidate(pa)
+        recs[il] = None
         say("lay out", il + 1, c.n_layer)
     del recs
     recipe = {"source_name": os.path.basename(src_path), "source_sha256": file_sha256(src_path),

@@ -45,6 +45,11 @@ class Result:
     samples_ns: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
     peak_rss_bytes: int = 0
+    mem_budget_bytes: int = 0      # the budget (and, capped, the cgroup limit) of the run; 0 = none
+    capped: bool = False
+    killed: str = ""               # why the worker died (e.g. killed by the memory cap)
+    stats: dict = field(default_factory=dict)   # FFN store counters of the last repetition
+    cap_peak_bytes: int = 0        # the cgroup's peak usage (RSS + page cache)
 
     @property
     def n_tokens(self) -> int:
@@ -56,7 +61,7 @@ class Result:
 
     @property
     def avg_ts(self) -> float:
-        return statistics.mean(self.samples_ts)
+        return statistics.mean(self.samples_ts) if self.samples_ns else 0.0
 
     @property
     def stddev_ts(self) -> float:
@@ -68,15 +73,30 @@ class Result:
 # ============================================================================================
 
 class EdgertRunner:
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, opts):
         from edgert.kernels.matmul import set_threads
         set_threads(threads)
+        from edgert.budget import MemoryBudget
         from edgert.model import Model
-        self.m = Model(path, n_ctx=n_ctx, n_batch=512)
+        from edgert.tokenizer import Tokenizer
+        budget = MemoryBudget(opts["mem_budget"], "bench") if opts.get("mem_budget") else None
+        # the tokenizer is built as `edgert run` builds it: its memory is part of the fixed cost
+        self.m = Model(path, n_ctx=n_ctx, n_batch=512, budget=budget, ffn=opts.get("ffn", "auto"),
+                       sparsity=opts.get("sparsity"), selector=opts.get("selector", "predictor"),
+                       before_weights=lambda g: setattr(self, "tok", Tokenizer(g.metadata, path)))
         self.n_vocab = self.m.cfg.n_vocab
 
     def reset(self):
         self.m.reset()
+
+    def stats(self) -> dict:
+        d = self.m.stats.as_dict()
+        d["ffn"] = self.m.placement.ffn
+        d["selector"] = self.m.placement.selector
+        return d
+
+    def reset_stats(self):
+        self.m.stats.reset()
 
     def prompt(self, toks):
         self.m.forward(toks)
@@ -86,11 +106,26 @@ class EdgertRunner:
 
 
 class LlamaCppRunner:
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, opts):
+        import llama_cpp.llama_cpp as lc
         from llama_cpp import Llama
+        if opts.get("no_repack"):  # weights stay in the mmap'd file (llama-bench --repack 0)
+            default = lc.llama_model_default_params
+
+            def no_repack():
+                p = default()
+                p.use_extra_bufts = False
+                return p
+            lc.llama_model_default_params = no_repack
         self.ll = Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                         n_threads_batch=threads, verbose=False)
         self.n_vocab = self.ll.n_vocab()
+
+    def stats(self) -> dict:
+        return {}
+
+    def reset_stats(self):
+        pass
 
     def reset(self):
         self.ll.reset()
@@ -120,12 +155,15 @@ def _time_test(r, test: Test, rng) -> int:
     return time.perf_counter_ns() - t0
 
 
-def _worker(conn, backend, path, threads, n_ctx):
+def _worker(conn, backend, path, threads, n_ctx, opts, cap_path):
+    if cap_path:  # into the memory cap before anything large is imported or read
+        with open(os.path.join(cap_path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
     import resource
 
     import numpy as np
     try:
-        r = RUNNERS[backend](path, threads, n_ctx)
+        r = RUNNERS[backend](path, threads, n_ctx, opts)
         conn.send(("ready", None))
         rng = np.random.default_rng(0)
         while True:
@@ -135,23 +173,34 @@ def _worker(conn, backend, path, threads, n_ctx):
             test, warm = msg
             if warm:  # llama-bench's warm-up: one short run of the same kind
                 _time_test(r, Test(min(test.n_prompt, 32), min(test.n_gen, 1), 0), rng)
+            r.reset_stats()
             ns = _time_test(r, test, rng)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            conn.send(("ok", (ns, rss)))
+            conn.send(("ok", (ns, rss, r.stats())))
     except Exception as e:  # reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
+class WorkerDied(Exception):
+    pass
+
+
 class Worker:
-    def __init__(self, backend, path, threads, n_ctx):
+    def __init__(self, backend, path, threads, n_ctx, opts=None, cap_path=None):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.p = ctx.Process(target=_worker, args=(child, backend, path, threads, n_ctx), daemon=True)
+        self.p = ctx.Process(target=_worker, args=(child, backend, path, threads, n_ctx, opts or {}, cap_path),
+                             daemon=True)
         self.p.start()
+        child.close()
         self._expect("ready")
 
     def _expect(self, kind):
-        tag, val = self.conn.recv()
+        try:
+            tag, val = self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            self.p.join(timeout=10)
+            raise WorkerDied(f"worker died (exit code {self.p.exitcode})") from None
         if tag == "error":
             from edgert.errors import EdgertError
             raise EdgertError(f"benchmark worker failed: {val}")
@@ -169,30 +218,88 @@ class Worker:
         self.p.join(timeout=10)
 
 
-def run_bench(models, tests, threads_list, reps, backends, n_ctx=0, warmup=True, progress=None):
-    """-> list of Result, backends interleaved repetition by repetition."""
+@dataclass(frozen=True)
+class Variant:
+    """One engine configuration: backend, the file it runs, options (edgert: ffn, sparsity,
+    selector; llama.cpp: no_repack)."""
+    backend: str
+    path: str
+    opts: tuple = ()
+
+    @property
+    def label(self) -> str:
+        o = dict(self.opts)
+        extra = [f"{k}={v}" for k, v in o.items() if k in ("ffn", "sparsity", "selector") and v not in (None, "auto")]
+        return self.backend + (f" ({', '.join(extra)})" if extra else "")
+
+
+def run_bench(models, tests, threads_list, reps, backends, n_ctx=0, warmup=True, progress=None,
+              variants=None, budgets=(0,), cap=False):
+    """-> list of Result, the variants interleaved repetition by repetition. variants(path) gives
+    the Variants of a model (default: one per backend on the same file); budgets: memory budgets
+    in bytes (0 = none), each applied to edgert and, with cap, as a cgroup v1 memory limit to
+    every worker, the page cache of the files dropped first."""
+    from edgert.cgroup import MemoryCap, drop_file_cache
     results = []
     for path in models:
         info = model_info(path)
+        vs = variants(path) if variants else [Variant(b, path) for b in backends]
         for threads in threads_list:
             need = max(t.n_depth + t.n_prompt + t.n_gen for t in tests) + 8
             ctx = max(n_ctx, need)
-            workers = {b: Worker(b, path, threads, ctx) for b in backends}
-            try:
-                for test in tests:
-                    res = {b: Result(info["model_filename"], b, threads, test, info=info) for b in backends}
-                    for rep in range(reps):
-                        for b, w in workers.items():
-                            ns, rss = w.run(test, warm=warmup and rep == 0)
-                            res[b].samples_ns.append(ns)
-                            res[b].peak_rss_bytes = max(res[b].peak_rss_bytes, rss)
-                            if progress:
-                                progress(f"{Path(path).name} {b} t={threads} {test.name} rep {rep + 1}/{reps}")
+            for budget in budgets:
+                workers, caps, res = {}, {}, {}
+                try:
+                    for v in vs:
+                        opts = dict(v.opts)
+                        if budget:
+                            opts["mem_budget"] = budget
+                            opts["no_repack"] = True
+                        for test in tests:
+                            res[v, test] = Result(info["model_filename"], v.label, threads, test, info=info,
+                                                  mem_budget_bytes=budget, capped=cap and bool(budget))
+                        cap_path = None
+                        if cap and budget:
+                            caps[v] = MemoryCap(f"edgert-bench-{os.getpid()}-{len(caps)}", budget)
+                            cap_path = caps[v].path
+                            drop_file_cache(v.path, path)
+                        try:
+                            workers[v] = Worker(v.backend, v.path, threads, ctx, opts, cap_path)
+                        except (WorkerDied, Exception) as e:
+                            for test in tests:
+                                res[v, test].killed = _why(e, caps.get(v))
+                    for test in tests:
+                        for rep in range(reps):
+                            for v, w in list(workers.items()):
+                                r = res[v, test]
+                                try:
+                                    ns, rss, stats = w.run(test, warm=warmup and rep == 0)
+                                except WorkerDied as e:
+                                    for t2 in tests:
+                                        if not res[v, t2].samples_ns:
+                                            res[v, t2].killed = _why(e, caps.get(v))
+                                    del workers[v]
+                                    continue
+                                r.samples_ns.append(ns)
+                                r.peak_rss_bytes = max(r.peak_rss_bytes, rss)
+                                r.stats = stats
+                                if v in caps:
+                                    r.cap_peak_bytes = caps[v].peak
+                                if progress:
+                                    progress(f"{Path(path).name} {v.label} t={threads} {test.name} rep {rep + 1}/{reps}")
                     results.extend(res.values())
-            finally:
-                for w in workers.values():
-                    w.close()
+                finally:
+                    for w in workers.values():
+                        w.close()
+                    for c in caps.values():
+                        c.remove()
     return results
+
+
+def _why(e, cap) -> str:
+    if cap is not None and cap.oom_kills:
+        return f"killed by the memory cap ({cap.limit / 2**20:.0f} MiB)"
+    return str(e)
 
 
 # ============================================================================================
@@ -202,8 +309,12 @@ def run_bench(models, tests, threads_list, reps, backends, n_ctx=0, warmup=True,
 def model_info(path) -> dict:
     from edgert.config import config_from_gguf
     from edgert.gguf_file import GGUFFile, type_name
+    from edgert.placement import _role
     g = GGUFFile(path)
     c = config_from_gguf(g)
+    extra = {n for n in g.tensors if _role(n) == "package"}  # an edgert package's own tensors
+    for n in extra:
+        del g.tensors[n]
     n_params = g.n_params
     # bytes of weights read per generated token: every matrix but the embedding table (one row),
     # plus the embedding again when it doubles as the output matrix
@@ -214,8 +325,9 @@ def model_info(path) -> dict:
         t.nbytes for t in g.tensors.values() if t.qtype == q))
     label = g.get("general.size_label") or f"{n_params / 1e6:.0f}M"
     g.close()
-    return {"model_filename": str(path), "model_type": f"{c.arch} {label} {type_name(ftype)}",
-            "model_size": os.path.getsize(path), "model_n_params": n_params,
+    size = sum(t.nbytes for t in g.tensors.values()) if extra else os.path.getsize(path)
+    return {"model_filename": str(path), "model_type": f"{c.arch} {label} {type_name(ftype)}" + (" pkg" if extra else ""),
+            "model_size": size, "model_n_params": n_params,
             "bytes_per_token": per_token}
 
 

@@ -12,12 +12,8 @@ output. The forward pass does not know which kind it calls:
 """
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
-from edgert.flash import aligned_empty
-from edgert.kernels.quant import QMatrix, repack_chunked
+from edgert.kernels.quant import QMatrix
+from edgert.streamed import Streamer
 
 
 class FFNScratch:
@@ -57,76 +53,17 @@ class DenseFFN:
         dense_ffn(self.w_gate, self.w_up, self.w_down, xn, out, self.s)
 
 
-READ_PIECE = 1 << 20  # bytes per flash request when streaming (large: what flash serves fastest)
-
-
-class Streamer:
-    """Reads layers' FFN tensors from flash into two staging buffers: while layer i is computed
-    from one, layer i + 1's tensors arrive in the other (each tensor in 1 MiB requests, all in
-    flight at once on the FlashReader's pool)."""
-
-    def __init__(self, reader, layers, stats):
-        self.reader, self.layers, self.stats = reader, layers, stats   # layers: [(gate, up, down) TensorInfo]
-        n = staging_bytes(layers)
-        self.bufs = [aligned_empty(n), aligned_empty(n)]              # 2 x [largest layer's FFN bytes]
-        self.pending = None                                           # (layer, buffer, futures)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.bufs)
-
-    def _issue(self, il: int, bi: int):
-        futs, o = [], 0
-        for t in self.layers[il]:
-            for p in range(0, t.nbytes, READ_PIECE):
-                n = min(READ_PIECE, t.nbytes - p)
-                futs.append(self.reader.submit(t.offset + p, self.bufs[bi][o + p:o + p + n]))
-            o += -(-t.nbytes // 4096) * 4096
-        self.stats.bytes_read += sum(t.nbytes for t in self.layers[il])
-        return (il, bi, futs)
-
-    def matrices(self, il: int):
-        """Layer il's (gate, up, down) QMatrix, read from flash (prefetched if it was next)."""
-        if self.pending is None or self.pending[0] != il:
-            if self.pending is not None:
-                for f in self.pending[2]:
-                    f.result()
-            self.pending = self._issue(il, 0)
-        _, bi, futs = self.pending
-        t0 = time.perf_counter()
-        for f in futs:
-            f.result()
-        self.stats.io_wait_s += time.perf_counter() - t0
-        self.pending = self._issue((il + 1) % len(self.layers), 1 - bi)
-        out, o = [], 0
-        for t in self.layers[il]:
-            out.append(repack_chunked(t.qtype, t.rows, t.cols, [(0, t.rows, self.bufs[bi][o:o + t.nbytes])]))
-            o += -(-t.nbytes // 4096) * 4096
-        return out
-
-    def drain(self):
-        if self.pending is not None:
-            for f in self.pending[2]:
-                f.result()
-            self.pending = None
-
-
 class StreamFFN:
     """The layer's three matrices read from flash (a Streamer) on every call, repacked (lossless)
     and multiplied: dense results, no resident FFN weights."""
     kind = "stream"
 
-    def __init__(self, il: int, streamer: Streamer, scratch: FFNScratch):
+    def __init__(self, il: int, streamer: "Streamer", scratch: FFNScratch):
         self.il, self.streamer, self.s = il, streamer, scratch
 
     def __call__(self, xn, out):
         g, u, d = self.streamer.matrices(self.il)
         dense_ffn(g, u, d, xn, out, self.s)
-
-
-def staging_bytes(tensor_sets) -> int:
-    """Bytes of a StreamStaging for these (gate, up, down) TensorInfo triples."""
-    return max(sum(-(-t.nbytes // 4096) * 4096 for t in ts) for ts in tensor_sets)
 
 
 class StoreStats:

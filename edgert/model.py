@@ -17,8 +17,9 @@ from edgert import residency
 from edgert.budget import MemoryBudget, kv_bytes, measured, rss, scratch_bytes
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
-from edgert.ffn import DenseFFN, FFNScratch, StoreStats, StreamFFN, Streamer
-from edgert.flash import FlashReader, aligned_empty
+from edgert.ffn import DenseFFN, FFNScratch, StoreStats, StreamFFN
+from edgert.streamed import FlashMatrix, FlashRows, Streamer
+from edgert.flash import FlashReader
 from edgert.package import cluster_layout, is_package, open_package, verify_tensors
 from edgert.placement import FFN_NAMES, _role, plan_placement
 from edgert.settings import env
@@ -52,25 +53,6 @@ class Layer:
     w_up: QMatrix | None         # [n_ff, n_embd]
     w_down: QMatrix | None       # [n_embd, n_ff]
     post_ffn_norm: np.ndarray | None
-
-
-class FlashRows:
-    """An embedding table left on flash: each token's row is read (O_DIRECT) when it is looked up."""
-
-    def __init__(self, reader, t, stats):
-        from edgert.kernels.quant import row_bytes
-        self.reader, self.t, self.stats = reader, t, stats
-        self.rb = row_bytes(t.qtype, t.cols)
-        self.qtype, self.rows, self.cols = t.qtype, t.rows, t.cols
-        self.buf = aligned_empty(-(-self.rb // 4096) * 4096 + 4096)   # [row bytes, page padded]
-        self.nbytes = self.buf.nbytes
-
-    def row(self, tok: int) -> QMatrix:
-        from edgert.kernels.quant import repack
-        raw = self.buf[:self.rb]
-        self.reader.read_into(self.t.offset + tok * self.rb, raw)
-        self.stats.bytes_read += self.rb
-        return repack(self.qtype, raw, 1, self.cols)
 
 
 def embed_rows(w, tokens, x):
@@ -108,10 +90,10 @@ def make_ops(c: ModelConfig) -> SimpleNamespace:
 
 
 def load_weights(g: GGUFFile, c: ModelConfig, ffn: bool = True, gate: bool = False, embd: bool = True,
-                 reader=None, stats=None):
+                 output: bool = True, reader=None, stats=None):
     """-> (token_embd, output_norm, output, layers), every shape checked against the config; the
-    FFN matrices only with ffn (the gate alone with gate), the embedding table left on flash
-    (FlashRows through reader) unless embd."""
+    FFN matrices only with ffn (the gate alone with gate), the embedding table and the output
+    matrix left on flash (FlashRows / FlashMatrix through reader) unless embd / output."""
     E, Dq, Dkv = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
 
     def opt_vec(name, n):
@@ -130,7 +112,13 @@ def load_weights(g: GGUFFile, c: ModelConfig, ffn: bool = True, gate: bool = Fal
     else:
         g.tensor("token_embd.weight")
         tok_embd = FlashRows(reader, g.tensors["token_embd.weight"], stats)
-    output = tok_embd if c.tied_embeddings else g.load("output.weight", c.n_vocab, E)
+    if c.tied_embeddings:
+        output = tok_embd
+    elif output:
+        output = g.load("output.weight", c.n_vocab, E)
+    else:
+        g.check_type("output.weight")
+        output = FlashMatrix(reader, g.tensors["output.weight"], stats)
     layers = []
     for il in range(c.n_layer):
         p = f"blk.{il}."
@@ -190,6 +178,7 @@ class Model:
         self.budget = budget
         if before_weights is not None:
             before_weights(g)
+            residency.trim_heap()
         limit = budget.limit if budget is not None else 1 << 62
         self.placement = pl = plan_placement(g, c, self.n_ctx, self.n_batch, limit, rss(), ffn, self.pkg,
                                              selector, sparsity, budget.source if budget is not None else "",
@@ -201,7 +190,7 @@ class Model:
         for line in pl.lines():
             log.info("%s", line)
         self.reader = None  # the runtime's FlashReader (O_DIRECT): streamed / cached FFN, embedding rows
-        if pl.ffn != "dense" or pl.embd == "flash":
+        if pl.ffn != "dense" or pl.embd == "flash" or pl.output == "flash":
             self.reader = FlashReader(self.path, direct=True, io_threads=8, throttle=throttle, tracer=tracer)
         if self.pkg is not None and verify:
             verify_tensors(g, reader=g.reader)
@@ -210,7 +199,7 @@ class Model:
         try:
             self.tok_embd, self.output_norm, self.output, self.layers = load_weights(
                 g, c, ffn=pl.ffn == "dense", gate=pl.ffn == "sparse" and (pl.selector == "gate" or measure_recall),
-                embd=pl.embd == "resident", reader=self.reader, stats=self.stats)
+                embd=pl.embd == "resident", output=pl.output == "resident", reader=self.reader, stats=self.stats)
         finally:
             g.reader.close()
         self.load_io = {"mode": g.reader.mode, "wall_s": time.perf_counter() - t_read, **g.reader.stats.as_dict()}
@@ -219,6 +208,8 @@ class Model:
         self.weight_bytes = sum(w.nbytes for w in self._matrices())
         vec_bytes = sum(t.nbytes for n, t in g.tensors.items() if len(t.shape) == 1 and _role(n) != "package")
         self._charge("weights", self.weight_bytes + vec_bytes)
+        if isinstance(self.output, FlashMatrix):
+            self._charge("lm head staging", self.output.nbytes)
         self._charge("kv cache", kv_bytes(c, self.n_ctx))
         self._charge("scratch", scratch_bytes(c, self.n_batch))
         # KV cache and scratch in small pages: NumPy asks for transparent huge pages on large
@@ -278,7 +269,7 @@ class Model:
 
     def _matrices(self):
         yield self.tok_embd
-        if self.output is not self.tok_embd:
+        if self.output is not self.tok_embd and not isinstance(self.output, FlashMatrix):
             yield self.output
         for L in self.layers:
             yield from (w for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down) if w is not None)
@@ -405,7 +396,10 @@ class Model:
         xn = self.xn[:T]
         self.ops.out_norm(x, self.output_norm, c.rms_eps, xn)
         out = np.empty((T, c.n_vocab), np.float32)  # [T, n_vocab]
-        self.ops.output(self.output, xn, out, self.act_e)
+        if isinstance(self.output, FlashMatrix):
+            self.output.matmul(xn, out, self.act_e)
+        else:
+            self.ops.output(self.output, xn, out, self.act_e)
         return out
 
 

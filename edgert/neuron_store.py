@@ -1,9 +1,11 @@
 """NeuronStore: one layer's FFN as neuron clusters, cached in RAM, read from flash when missing.
 
 Decode (one token):
-  1. select the active neurons: the low-rank predictor's gate estimate (no FFN weight read), or
-     the exact gate of the resident gate matrix (gate-first, PowerInfer-2's two-phase load);
-     active = |act(gate)| above the layer's threshold for the chosen sparsity;
+  1. select candidate neurons: the low-rank predictor's gate estimate (no FFN weight read), or
+     the exact gate of the resident gate matrix (gate-first, PowerInfer-2's two-phase load), above
+     a candidate threshold calibrated to find most (the recipe's recall) of the neurons kept;
+     a neuron is kept when |act(gate) * up| is above the layer's threshold for the sparsity, and
+     the kernel tests that exactly (a dropped candidate costs its gate, or gate and up, rows);
   2. map them to clusters (C neurons each, hot to cold); clusters not in the cache are queued on
      the FlashReader (O_DIRECT) into LRU slots;
   3. compute the selected neurons of the clusters already cached while the misses are in flight,
@@ -49,14 +51,15 @@ class NeuronStore:
         self.perm = g.raw(p + "ffn_perm").view(np.int32).copy()                  # [n_ff] hot pos -> neuron
         self.inv_perm = np.empty_like(self.perm)                                 # [n_ff] neuron -> hot pos
         self.inv_perm[self.perm] = np.arange(self.n_ff, dtype=np.int32)
-        self.thresh = float(g.raw(p + "ffn_thresh").view(np.float32)[level])
+        self.thresh = float(g.raw(p + "ffn_thresh").view(np.float32)[level])      # |act(g) * u|
+        self.gthresh = float(g.raw(p + "gate_thresh").view(np.float32)[level])    # |act(g)| candidates
         self.pthresh = float(g.raw(p + "pred_thresh").view(np.float32)[level])
         r = int(g.tensors[p + "pred_a"].shape[1])
         self.a_q = g.raw(p + "pred_a").view(np.int8).reshape(r, self.E).copy()        # [r, E]
         self.a_s = g.raw(p + "pred_a_scale").view(np.float32).copy()                   # [r]
         self.b_q = g.raw(p + "pred_b").view(np.int8).reshape(self.n_ff, r).copy()      # [n_ff, r] hot order
         self.b_s = g.raw(p + "pred_b_scale").view(np.float32).copy()                   # [n_ff]
-        for n in ("ffn_perm", "ffn_thresh", "pred_a", "pred_a_scale", "pred_b", "pred_b_scale", "pred_thresh"):
+        for n in ("ffn_perm", "ffn_thresh", "gate_thresh", "pred_a", "pred_a_scale", "pred_b", "pred_b_scale", "pred_thresh"):
             g.release(p + n)
         self.gtype, self.utype = layout.gate_type, layout.up_type
         self.nblk_g = self.E // BLOCK[self.gtype][0]
@@ -109,7 +112,7 @@ class NeuronStore:
         if self.selector == "gate":
             g = self.pred.reshape(1, -1)
             matmul(self.gate, x.reshape(1, -1), g, self.s.act_e)   # exact gate, source order
-            n = select_above(self.act, self.pred, self.thresh, self.idx)
+            n = select_above(self.act, self.pred, self.gthresh, self.idx)
             src = self.idx[:n]
             self.gsel[:n] = self.pred[src]
             hot = self.inv_perm[src]
@@ -119,11 +122,11 @@ class NeuronStore:
             return n
         predict_gate(x, self.a_q, self.a_s, self.b_q, self.b_s, self.h, self.pred)
         n = select_above(self.act, self.pred, self.pthresh, self.idx)
-        if self.measure_recall:  # the exact gate's active set, against the predictor's
+        if self.measure_recall:  # the exact gate's candidates, against the predictor's
             g = np.empty((1, self.n_ff), np.float32)
             matmul(self.gate, x.reshape(1, -1), g, self.s.act_e)
             exact = np.empty(self.n_ff, np.int64)
-            k = select_above(self.act, g[0], self.thresh, exact)
+            k = select_above(self.act, g[0], self.gthresh, exact)
             picked = np.zeros(self.n_ff, np.bool_)
             picked[self.idx[:n]] = True
             self.stats.recall_hits += int(picked[self.inv_perm[exact[:k]]].sum())
@@ -197,13 +200,14 @@ class NeuronStore:
             o[:] = 0.0
             return
         self.sel[:k] = slot_of_sel[m] * self.C + (idx[m] - (idx[m] // self.C) * self.C)
-        if self.selector == "gate":  # exact gates, already above the threshold
+        if self.selector == "gate":  # exact gates, already above the candidate threshold
             gate_in, gthresh = self.gsel[m].copy(), np.float32(-1.0)
-        else:                        # predicted: the exact gate decides, in the kernel
-            gate_in, gthresh = self.no_gate, np.float32(self.thresh)
+        else:                        # predicted: the exact gate is the first test, in the kernel
+            gate_in, gthresh = self.no_gate, np.float32(self.gthresh)
         sparse_ffn(self.gtype, self.utype, self.act, self.slots, self.slots_i8, self.slots_f32, self.C,
                    self.L.lay, xq[0][0], xq[1][0], xq[2][0], self.nblk_g, xu[0][0], xu[1][0], xu[2][0],
-                   self.nblk_u, self.sel, k, gate_in, gthresh, self.acts, self.part, o, self.nthreads)
+                   self.nblk_u, self.sel, k, gate_in, gthresh, np.float32(self.thresh), self.acts, self.part,
+                   o, self.nthreads)
         done = self.acts[:k] != 0
         self.stats.neurons_computed += int(np.count_nonzero(done))
         self.last_computed.append(idx[m][done])

@@ -13,10 +13,11 @@ Tensors per layer N (hot-to-cold order = decreasing activation frequency on the 
     blk.N.ffn_clusters  I8 [n_clusters, cluster_bytes]   C neurons a cluster (layout below)
     blk.N.ffn_perm      I32 [n_ff]      hot-order position -> neuron index of the source matrices
     blk.N.ffn_freq      F32 [n_ff]      activation frequency at the recipe's sparsity, hot order
-    blk.N.ffn_thresh    F32 [n_levels]  |act(gate)| thresholds, one per sparsity level (CATS)
+    blk.N.ffn_thresh    F32 [n_levels]  |act(gate) * up| thresholds, one per sparsity level
+    blk.N.gate_thresh   F32 [n_levels]  |act(gate)| candidate thresholds (exact gate)
     blk.N.pred_a  I8 [r, n_embd], blk.N.pred_a_scale F32 [r]    low-rank gate predictor:
     blk.N.pred_b  I8 [n_ff, r],   blk.N.pred_b_scale F32 [n_ff]  g ~ (b * sb) @ ((a * sa) @ x)
-    blk.N.pred_thresh   F32 [n_levels]  |act(predicted gate)| thresholds per level
+    blk.N.pred_thresh   F32 [n_levels]  |act(predicted gate)| candidate thresholds per level
 
 Cluster layout: two sections, each padded to 4 KiB so either can be read alone with O_DIRECT:
     gate section:    gate rows of the C neurons in the row layout (qs, qh, sc, d, m fields)
@@ -143,7 +144,7 @@ def open_package(g) -> PackageInfo:
         raise EdgertError(f"{p}: package metadata 'edgert.sparsity_levels' is missing or invalid")
     n_layer = sum(1 for n in g.tensors if n.endswith(".ffn_clusters"))
     for il in range(n_layer):
-        for t in ("ffn_clusters", "ffn_perm", "ffn_freq", "ffn_thresh", "pred_a", "pred_a_scale", "pred_b",
+        for t in ("ffn_clusters", "ffn_perm", "ffn_freq", "ffn_thresh", "gate_thresh", "pred_a", "pred_a_scale", "pred_b",
                   "pred_b_scale", "pred_thresh"):
             g.tensor(f"blk.{il}.{t}")
     C, rank = int(recipe["cluster_neurons"]), int(recipe["predictor_rank"])

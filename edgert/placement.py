@@ -18,7 +18,7 @@ from edgert.budget import kv_bytes, mib, scratch_bytes
 from edgert.errors import EdgertError
 
 FFN_NAMES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
-PACKAGE_SUFFIXES = ("ffn_clusters", "ffn_perm", "ffn_freq", "ffn_thresh", "pred_a", "pred_a_scale",
+PACKAGE_SUFFIXES = ("ffn_clusters", "ffn_perm", "ffn_freq", "ffn_thresh", "gate_thresh", "pred_a", "pred_a_scale",
                     "pred_b", "pred_b_scale", "pred_thresh")
 MIN_SLOTS = 4       # neuron-cache slots per layer below which a sparse plan is refused
 SLACK = 24 << 20    # allocator and interpreter growth after planning (measured: 5-15 MiB)
@@ -28,6 +28,7 @@ SLACK = 24 << 20    # allocator and interpreter growth after planning (measured:
 class Placement:
     ffn: str                  # dense | stream | sparse
     embd: str                 # resident | flash
+    output: str               # resident | flash (the LM head)
     selector: str             # predictor | gate (sparse only)
     sparsity: float
     fixed: int                # measured RSS of the process when planning
@@ -39,7 +40,7 @@ class Placement:
         """The plan, as llama.cpp prints its offload summary."""
         out = [f"placement: ffn {self.ffn}" + (f" ({self.selector} selector, sparsity {self.sparsity:g}, "
                                                 f"neuron cache {mib(self.cache_bytes)})" if self.ffn == "sparse" else "")
-               + f", token embedding {self.embd}",
+               + f", token embedding {self.embd}, LM head {self.output}",
                f"placement: fixed process cost {mib(self.fixed)} measured + "
                + ", ".join(f"{k} {mib(v)}" for k, v in self.plan.items() if v)
                + f" = {mib(self.fixed + sum(self.plan.values()))} of budget {mib(self.limit)}"]
@@ -59,9 +60,9 @@ def _role(name: str) -> str:
 def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode: str = "auto",
                    pkg=None, selector: str = "predictor", sparsity: float | None = None,
                    source: str = "", gate_resident: bool = False) -> Placement:
-    from edgert.ffn import staging_bytes
+    from edgert.streamed import staging_bytes
     from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
-    by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0}
+    by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0}
     staging = 0
     for n, t in g.tensors.items():
         role = _role(n)
@@ -78,6 +79,8 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
         by[role] += b
         if n.endswith("ffn_gate.weight"):
             by["gate"] += b
+        if n == "output.weight":
+            by["output"] = b
         staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
     tied = "output.weight" not in g.tensors
     base = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
@@ -97,7 +100,7 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
     if mode == "sparse" and pkg is None:
         raise EdgertError(f"{g.path}: --ffn sparse needs an edgert package (make one with edgert convert)")
     s = sparsity if sparsity is not None else (float(pkg.recipe["sparsity"]) if pkg else 0.0)
-    p = Placement(mode, "resident", selector, s, fixed, limit)
+    p = Placement(mode, "resident", "resident", selector, s, fixed, limit)
     if mode == "dense":
         p.plan = dense
     else:
@@ -115,11 +118,23 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
             n_cl = -(-c.n_ff // pkg.C)
             room = avail - sum(p.plan.values())
             per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
+            if per_layer < MIN_SLOTS and not tied:  # the LM head to flash, read every token
+                from edgert.streamed import FlashMatrix
+                p.output = "flash"
+                p.plan["weights"] -= by["output"]
+                p.plan["lm head staging"] = FlashMatrix.plan_bytes(g.tensors["output.weight"])
+                room = avail - sum(p.plan.values())
+                per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < MIN_SLOTS:
                 raise EdgertError(
                     f"{g.path}: the memory budget {mib(limit)} ({source}) leaves {mib(max(room, 0))} for the neuron cache "
                     f"after the fixed cost {mib(fixed)} and " + ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)
                     + f"; at least {mib(MIN_SLOTS * L.nbytes * c.n_layer)} ({MIN_SLOTS} clusters a layer) is needed")
+            if per_layer < n_cl and p.plan.get("ffn staging") and room - p.plan["ffn staging"] > 0:
+                # not everything fits: no dense prefill staging (prompts run through the sparse
+                # path token by token), its bytes go to the cache
+                room += p.plan.pop("ffn staging")
+                per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             p.cache_bytes = per_layer * c.n_layer * L.nbytes
             p.plan["neuron cache"] = p.cache_bytes
     need = sum(p.plan.values())

@@ -26,6 +26,16 @@ KERNEL_MODULES = ("quant", "simd", "matmul", "norm", "rope", "attention", "activ
 MADV_DONTNEED = 4
 
 
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc malloc_trim): building a tokenizer frees
+    tens of MiB of transient allocations that glibc otherwise keeps mapped (measured: Qwen2.5's
+    152k-entry tokenizer 69 -> 51 MiB resident)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def enabled() -> bool:
     import numba
     return env("EDGERT_RELEASE_JIT") != "0" and not numba.config.DISABLE_JIT

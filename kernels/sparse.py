@@ -44,9 +44,10 @@ def _row_dot(qtype, base, lay, f, r, px, pxd, pxs, nblk, tmp):
 
 @nb.njit(cache=True, parallel=True, nogil=True)
 def sparse_ffn(gtype, utype, act, slots, slots_i8, slots_f32, C, lay, xg8, xgd, xgs, nblk_g,
-               xu8, xud, xus, nblk_u, sel, n_sel, gate_in, gthresh, acts, part, out, nthreads):
-    """out[E] = sum over selected neurons k with |act(g_k)| > gthresh of act(g_k) * u_k * down_k
-    (a predicted neuron whose exact gate is below the threshold costs its gate row only).
+               xu8, xud, xus, nblk_u, sel, n_sel, gate_in, gthresh, athresh, acts, part, out, nthreads):
+    """out[E] = sum over selected neurons k with |act(g_k)| > gthresh and |act(g_k) * u_k| >
+    athresh of act(g_k) * u_k * down_k (a neuron below the first threshold costs its gate row,
+    one below the second its gate and up rows).
 
     slots: uint8 [n_slots, CB] cluster slots (slots_i8 / slots_f32: the same memory as int8 and
     float32); sel: int64 [n] slot * C + row of each selected neuron (first n_sel used); xg* / xu*:
@@ -77,6 +78,9 @@ def sparse_ffn(gtype, utype, act, slots, slots_i8, slots_f32, C, lay, xg8, xgd, 
                 continue
             u = _row_dot(utype, base, lay, 5, r, pu, pud, pus, nblk_u, tmp)
             a = ag * u
+            if abs(a) <= athresh:
+                acts[k] = 0.0
+                continue
             acts[k] = a
             q0 = lay[20] + r * lay[21]           # byte offset of the down column's quants
             d0 = (lay[22] + r * lay[23]) // 4    # float32 index of its scales

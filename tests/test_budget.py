@@ -71,7 +71,7 @@ def test_peak_rss_of_1000_tokens_within_budget():
     """SmolLM2 decodes 1,000 tokens under a budget just above its plan; peak RSS (VmHWM) of the
     whole process stays within the budget."""
     path = real_model("smollm2-135m")
-    budget = "290MiB"  # plan at -c 1100: fixed ~100 MiB measured + weights 106, KV 39, scratch 18, staging 11
+    budget = "310MiB"  # plan at -c 1100: fixed ~110 MiB measured + weights 106, KV 24, scratch 18, staging 11, slack 24
     r = run_cli("run", "-m", path, "-p", "Write a long story about a robot.", "-n", "1000", "--ignore-eos",
                 "--temp", "0", "-c", "1100", "-t", "2", "--mem-budget", budget, "--no-display-prompt")
     assert r.returncode == 0, r.stderr
