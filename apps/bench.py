@@ -43,6 +43,9 @@ def build_parser():
                                                  "(auto, dense, stream, sparse)")
     p.add_argument("--sparsity", default=None, help="sparse FFN sparsities, comma-separated (package levels)")
     p.add_argument("--selector", default="predictor", help="sparse FFN selectors, comma-separated (predictor, gate)")
+    p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON rows to FILE")
+    p.add_argument("--png", default=None, metavar="FILE",
+                   help="with several --mem-budget values: tok/s against the budget, per engine, as a PNG")
     p.add_argument("--source", default=None,
                    help="the GGUF llama.cpp runs when -m is an edgert package (default: the package "
                         "recipe's source file, beside the package or among pulled models)")
@@ -145,6 +148,11 @@ def main(argv) -> int:
     bw = {t: memory_bandwidth(t) for t in threads}
     meta = {"cpu_info": cpu_info(), "build_commit": build_commit(), "device": args.device}
     out = sys.stdout
+    if args.save_json:
+        with open(args.save_json, "w") as f:
+            json.dump([record(r, bw, meta) for r in results], f, indent=1)
+    if args.png:
+        plot_budgets(results, args.png)
     if args.output == "md":
         out.write(markdown(results, bw))
         out.write(f"\nmachine: {meta['cpu_info']}, measured memory read bandwidth "
@@ -166,6 +174,27 @@ def main(argv) -> int:
             w.writerows(flat)
             out.write(buf.getvalue())
     return 0
+
+
+def plot_budgets(results, path):
+    """tok/s against the memory budget (share of the model file), one line per engine and test."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r.backend, r.test.name) for r in results}):
+        pts = sorted((r.mem_budget_bytes / r.info["model_size"] * 100, r.avg_ts) for r in results
+                     if (r.backend, r.test.name) == key and r.mem_budget_bytes and r.samples_ns)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
+    ax.set_xlabel("memory cap, % of the GGUF file")
+    ax.set_ylabel("tokens / s")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(results[0].info["model_type"] if results else "")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _gbs(r, bw):

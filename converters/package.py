@@ -25,7 +25,7 @@ import tempfile
 import numpy as np
 
 from edgert.errors import EdgertError
-from edgert.package import (CONVERTER_VERSION, DOWN_TYPE, FORMAT_VERSION, MAGIC, cluster_layout,
+from edgert.package import (CONVERTER_VERSION, DOWN_TYPES, FORMAT_VERSION, MAGIC, cluster_layout,
                             choose_cluster_size, sha256_bytes)
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,13 @@ def predict(X, a_q, a_s, b_q, b_s) -> np.ndarray:
 # Cluster layout
 # ============================================================================================
 
-def build_clusters(g, il: int, perm: np.ndarray, C: int, n_embd: int, n_ff: int) -> np.ndarray:
+def build_clusters(g, il: int, perm: np.ndarray, C: int, n_embd: int, n_ff: int, down_type: int = 8) -> np.ndarray:
     """The layer's FFN as clusters: int8 [n_clusters, cluster_bytes] (edgert/package.py)."""
     from gguf import GGMLQuantizationType, quants
 
     from edgert.kernels.quant import repack, row_bytes
     tg, tu, td = (g.tensors[f"blk.{il}.ffn_{k}.weight"] for k in ("gate", "up", "down"))
-    L = cluster_layout(tg.qtype, tu.qtype, n_embd, C)
+    L = cluster_layout(tg.qtype, tu.qtype, n_embd, C, down_type)
     n_cl = -(-n_ff // C)
     out = np.zeros((n_cl, L.nbytes), np.uint8)
     rbg, rbu = row_bytes(tg.qtype, n_embd), row_bytes(tu.qtype, n_embd)
@@ -139,11 +139,11 @@ def build_clusters(g, il: int, perm: np.ndarray, C: int, n_embd: int, n_ff: int)
     up = g.raw(tu.name).reshape(n_ff, rbu)
     down = quants.dequantize(g.raw(td.name).reshape(n_embd, -1), GGMLQuantizationType(td.qtype))  # [E, n_ff]
     cols = np.ascontiguousarray(down.T[perm])                                                    # [n_ff, E] hot order
-    dq = quants.quantize(cols, GGMLQuantizationType(DOWN_TYPE))                                   # Q8_0 blocks
-    dm = repack(DOWN_TYPE, dq, n_ff, n_embd, "rows")
+    dq = quants.quantize(cols, GGMLQuantizationType(down_type))                                   # blocks
+    dm = repack(down_type, dq, n_ff, n_embd, "rows")
     gm = repack(tg.qtype, np.ascontiguousarray(gate[perm]), n_ff, n_embd, "rows")
     um = repack(tu.qtype, np.ascontiguousarray(up[perm]), n_ff, n_embd, "rows")
-    fields = list(gm.arrays()) + list(um.arrays()) + [dm.qs, dm.d]
+    fields = list(gm.arrays()) + list(um.arrays()) + list(dm.arrays())
     for f, arr in enumerate(fields):
         off, w = int(L.lay[2 * f]), int(L.lay[2 * f + 1])
         if w == 0:
@@ -233,7 +233,7 @@ def write_package(out_path: str, src, arch: str, recipe: dict, levels, extra: di
 
 
 def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, sparsity: float = 0.5,
-            levels=LEVELS, rank: int = 64, cluster: int = 0, recall: float = 0.9, calib_tokens: int = 2048, window: int = 512,
+            levels=LEVELS, rank: int = 64, cluster: int = 0, recall: float = 0.9, down_type: str = "Q8_0", calib_tokens: int = 2048, window: int = 512,
             progress=None, tokenizer=None):
     """Convert src_path (GGUF) into the package out_path. progress(stage, n, total) reports work."""
     from edgert.gguf_file import GGUFFile
@@ -244,6 +244,9 @@ def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, spar
         raise EdgertError(f"--sparsity {sparsity}: must be in [0, 1)")
     if not 0 < recall <= 1:
         raise EdgertError(f"--recall {recall}: must be in (0, 1]")
+    if down_type not in DOWN_TYPES:
+        raise EdgertError(f"--down-type {down_type}: must be one of {', '.join(DOWN_TYPES)}")
+    dt = DOWN_TYPES[down_type]
     if rank < 1:
         raise EdgertError(f"--rank {rank}: must be at least 1")
     if os.path.abspath(src_path) == os.path.abspath(out_path):
@@ -273,7 +276,7 @@ def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, spar
     recs = calibrate(model, ids, window, step)
     tg = src.tensors["blk.0.ffn_gate.weight"]
     tu = src.tensors["blk.0.ffn_up.weight"]
-    C = cluster or choose_cluster_size(tg.qtype, tu.qtype, c.n_embd, c.n_ff)
+    C = cluster or choose_cluster_size(tg.qtype, tu.qtype, c.n_embd, c.n_ff, down_type=dt)
     s_idx = levels.index(float(sparsity))
     extra = {}
     rank = min(rank, c.n_embd)
@@ -293,7 +296,7 @@ def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, spar
             return np.array([-1.0 if s == 0 else np.quantile(score[a > t], 1 - recall) if (a > t).any() else 0.0
                              for s, t in zip(levels, th)], np.float32)
         p = f"blk.{il}."
-        extra[p + "ffn_clusters"] = build_clusters(src, il, perm, C, c.n_embd, c.n_ff)
+        extra[p + "ffn_clusters"] = build_clusters(src, il, perm, C, c.n_embd, c.n_ff, dt)
         extra[p + "ffn_perm"] = perm
         extra[p + "ffn_freq"] = freq[perm]
         extra[p + "ffn_thresh"] = th
@@ -309,7 +312,7 @@ def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, spar
               "calib_sha256": hashlib.sha256(calib_text.encode()).hexdigest(), "calib_tokens": len(ids),
               "sparsity": float(sparsity), "cluster_neurons": C, "predictor_rank": rank,
               "predictor_target_recall": float(recall),
-              "down_type": "Q8_0", "selector_default": "predictor"}
+              "down_type": down_type, "selector_default": "predictor"}
     total = sum(t.nbytes for t in src.tensors.values()) + sum(v.nbytes for v in extra.values())
     written = [0]
 

@@ -151,7 +151,7 @@ class Model:
                  direct_io: bool = False, throttle=None, tracer=None, expand_q5: bool | None = None,
                  before_weights=None, ffn: str = "auto", sparsity: float | None = None,
                  selector: str = "predictor", hot_fraction: float = 0.5, verify: bool = True,
-                 measure_recall: bool = False):
+                 measure_recall: bool = False, cache_slots: int | None = None):
         """Load `path` (a GGUF file or an edgert package). Matrices are read through a FlashReader
         (O_DIRECT with direct_io, else buffered; `throttle` a FlashCurve imposing a device's
         flash); `tracer` records the load's reads and, attached, every op; expand_q5 holds Q5_0
@@ -160,7 +160,8 @@ class Model:
         its memory is part of the measured fixed cost). ffn: auto | dense | stream | sparse
         (edgert/placement.py); sparsity / selector / hot_fraction: the NeuronStore's (packages);
         verify: check every tensor's sha256 of a package before use; measure_recall: hold the
-        gate matrices too and count how many of the exactly active neurons the selector finds."""
+        gate matrices too and count how many of the exactly active neurons the selector finds;
+        cache_slots: neuron-cache clusters per layer (default: what the budget leaves)."""
         t0 = time.perf_counter()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
@@ -183,6 +184,7 @@ class Model:
         self.placement = pl = plan_placement(g, c, self.n_ctx, self.n_batch, limit, rss(), ffn, self.pkg,
                                              selector, sparsity, budget.source if budget is not None else "",
                                              gate_resident=measure_recall)
+        self.n_batch = pl.n_batch
         self.plan = {"metadata": meta_bytes, **pl.plan}
         if budget is not None:  # refused above before loading anything; the rest is charged as allocated
             budget.fixed = pl.fixed
@@ -210,6 +212,8 @@ class Model:
         self._charge("weights", self.weight_bytes + vec_bytes)
         if isinstance(self.output, FlashMatrix):
             self._charge("lm head staging", self.output.nbytes)
+        if budget is not None:
+            budget.release("load staging")
         self._charge("kv cache", kv_bytes(c, self.n_ctx))
         self._charge("scratch", scratch_bytes(c, self.n_batch))
         # KV cache and scratch in small pages: NumPy asks for transparent huge pages on large
@@ -235,9 +239,11 @@ class Model:
             self.act_e = ActBuffers(B, E)              # quantised activations of width n_embd
             self.act_q = ActBuffers(B, max(Dq, F))     # ... of width n_head * head_dim or n_ff
         self.ops = make_ops(c)
+        if cache_slots is not None and pl.ffn == "sparse":
+            pl.cache_bytes = cache_slots * c.n_layer * cluster_layout(
+                g.tensors["blk.0.ffn_gate.weight"].qtype, g.tensors["blk.0.ffn_up.weight"].qtype, c.n_embd,
+                self.pkg.C, self.pkg.down_type).nbytes
         self.ffn = build_ffn(self, g, pl, hot_fraction, measure_recall)
-        if budget is not None:
-            budget.release("load staging")
         g.close()
         # per layer: (K cache, V cache, attention window, rope theta scale, rope frequency
         # scale), the last two float32 as ggml computes them
@@ -410,15 +416,17 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
     if pl.ffn == "dense":
         return [DenseFFN(L.w_gate, L.w_up, L.w_down, scratch) for L in m.layers]
     tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
-    streamer = Streamer(m.reader, tensors, m.stats)
-    m._charge("ffn staging", pl.plan["ffn staging"])
-    streams = [StreamFFN(il, streamer, scratch) for il in range(c.n_layer)]
+    streams = [None] * c.n_layer  # no staging planned: a sparse store runs prompts token by token
+    if "ffn staging" in pl.plan:
+        streamer = Streamer(m.reader, tensors, m.stats)
+        m._charge("ffn staging", pl.plan["ffn staging"])
+        streams = [StreamFFN(il, streamer, scratch) for il in range(c.n_layer)]
     if pl.ffn == "stream":
         return streams
     from edgert.kernels.matmul import _THREADS
     from edgert.neuron_store import NeuronStore
     level = m.pkg.level_index(pl.sparsity)
-    L0 = cluster_layout(tensors[0][0].qtype, tensors[0][1].qtype, c.n_embd, m.pkg.C)
+    L0 = cluster_layout(tensors[0][0].qtype, tensors[0][1].qtype, c.n_embd, m.pkg.C, m.pkg.down_type)
     n_slots = pl.cache_bytes // (c.n_layer * L0.nbytes)
     stores = []
     for il in range(c.n_layer):

@@ -11,7 +11,8 @@ Decode (one token):
   3. compute the selected neurons of the clusters already cached while the misses are in flight,
      then those of the missed clusters as they arrive (cluster-level I/O / compute overlap).
 The cache is segmented: the hottest clusters are pinned in the first slots (loaded once), the
-other slots are an LRU. Prefill (several tokens) runs dense through a StreamFFN.
+other slots are an LRU. Prefill (several tokens) runs dense through a StreamFFN when the plan has
+room for its staging, else token by token through this store.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 
 import numpy as np
 
+from edgert.errors import EdgertError
 from edgert.flash import aligned_empty
 from edgert.kernels.activation import ACT_KIND
 from edgert.kernels.matmul import ActBuffers, matmul, quantize_for
@@ -135,7 +137,11 @@ class NeuronStore:
 
     def __call__(self, xn, out):
         if xn.shape[0] > 1:
-            self.stream(xn, out)
+            if self.stream is not None:
+                self.stream(xn, out)
+            else:
+                for t in range(xn.shape[0]):
+                    self(xn[t:t + 1], out[t:t + 1])
             return
         st = self.stats
         x = xn[0]
@@ -153,46 +159,69 @@ class NeuronStore:
         st.clusters_hit += len(need) - len(miss)
         st.neurons_total += self.n_ff
         st.neurons_selected += n
-        futs = []
-        if len(miss):
-            lru = self.stamp[self.n_pinned:]
-            k = min(len(miss), len(lru))
-            victims = np.argpartition(lru, k - 1)[:k] + self.n_pinned if k < len(lru) else np.arange(self.n_pinned, len(self.stamp))
-            if k < len(miss):  # more misses than LRU slots: the rest are skipped this token
-                miss = miss[:k]
-            old = self.cluster_in[victims]
-            self.slot_of[old[old >= 0]] = -1
-            self.cluster_in[victims] = miss
-            self.slot_of[miss] = victims
-            self.stamp[victims] = self.tick
-            off0, nb = self.section
-            for c, s in zip(miss, victims):
-                futs.append(self.reader.submit(self.cl_offset + int(c) * self.L.nbytes + off0,
-                                               self.slots[s, off0:off0 + nb]))
-            st.bytes_read += len(miss) * nb
         # the input quantised once for gate and up (twice if their formats differ)
         xq = quantize_for(self.xq_spec, xn, self.s.act_e)
         xu = xq if self.xu_spec is None else quantize_for(self.xu_spec, xn, self.act_u)
+        # misses go into LRU slots in rounds: all at once when enough slots are free, else half the
+        # LRU region at a time, round i + 1 read into one half while round i is computed
+        lru = np.arange(self.n_pinned, len(self.stamp))
+        if len(miss) and len(lru) == 0:
+            raise EdgertError(f"layer {self.il}: the neuron cache has no LRU slot for a missed cluster")
+        half = max(1, len(lru) // 2)
+        free = lru[self.stamp[lru] < self.tick]
+        remaining = miss
+        cur = None
+        if len(remaining) and len(free):
+            k = len(remaining) if len(remaining) <= len(free) else min(half, len(free))
+            free = free[np.argsort(self.stamp[free], kind="stable")]
+            cur = self._issue(remaining[:k], free[:k])
+            remaining = remaining[k:]
         slot_of_sel = self.slot_of[cl]
-        ready = slot_of_sel >= 0
-        if futs:
-            missed = np.zeros(self.n_clusters, np.bool_)
-            missed[miss] = True
-            first = ready & ~missed[cl]
-        else:
-            first = ready
-        self._compute(idx, slot_of_sel, first, xq, xu, out)
-        if futs:
+        self._compute(idx, slot_of_sel, slot_of_sel >= 0, xq, xu, out, skip=cur)   # hits, while misses arrive
+        while cur is not None or len(remaining):
+            if cur is None:  # nothing in flight: the hits' slots are free now
+                k = min(len(remaining), half)
+                cur = self._issue(remaining[:k], lru[np.argsort(self.stamp[lru], kind="stable")][:k])
+                remaining = remaining[k:]
+            clusters, slots, futs = cur
             t0 = time.perf_counter()
             for f in futs:
                 f.result()
             st.io_wait_s += time.perf_counter() - t0
-            second = ready & ~first
-            self._compute(idx, slot_of_sel, second, xq, xu, self.out2)
+            nxt = None
+            if len(remaining):
+                others = lru[~np.isin(lru, slots)]
+                others = others[np.argsort(self.stamp[others], kind="stable")]
+                k = min(len(remaining), half, len(others))
+                if k:
+                    nxt = self._issue(remaining[:k], others[:k])
+                    remaining = remaining[k:]
+            mine = np.zeros(self.n_clusters, np.bool_)
+            mine[clusters] = True
+            slot_of_sel = self.slot_of[cl]
+            self._compute(idx, slot_of_sel, mine[cl] & (slot_of_sel >= 0), xq, xu, self.out2)
             out[0] += self.out2
+            cur = nxt
         self.last_computed = np.concatenate(self.last_computed) if self.last_computed else idx[:0]
 
-    def _compute(self, idx, slot_of_sel, mask, xq, xu, out):
+    def _issue(self, clusters, slots) -> list:
+        """Map clusters into slots (evicting what they held) and queue their reads."""
+        old = self.cluster_in[slots]
+        self.slot_of[old[old >= 0]] = -1
+        self.cluster_in[slots] = clusters
+        self.slot_of[clusters] = slots
+        self.stamp[slots] = self.tick
+        off0, nb = self.section
+        self.stats.bytes_read += len(clusters) * nb
+        return clusters, slots, [self.reader.submit(self.cl_offset + int(c) * self.L.nbytes + off0,
+                                                    self.slots[s, off0:off0 + nb]) for c, s in zip(clusters, slots)]
+
+    def _compute(self, idx, slot_of_sel, mask, xq, xu, out, skip=None):
+        """out = the FFN of the selected neurons in mask (skip: a round in flight, not ready)."""
+        if skip is not None:
+            busy = np.zeros(self.n_clusters, np.bool_)
+            busy[skip[0]] = True
+            mask = mask & ~busy[idx // self.C]
         m = np.flatnonzero(mask)
         k = len(m)
         o = out[0] if out.ndim == 2 else out
@@ -204,7 +233,7 @@ class NeuronStore:
             gate_in, gthresh = self.gsel[m].copy(), np.float32(-1.0)
         else:                        # predicted: the exact gate is the first test, in the kernel
             gate_in, gthresh = self.no_gate, np.float32(self.gthresh)
-        sparse_ffn(self.gtype, self.utype, self.act, self.slots, self.slots_i8, self.slots_f32, self.C,
+        sparse_ffn(self.gtype, self.utype, self.L.down_type, self.act, self.slots, self.slots_i8, self.slots_f32, self.C,
                    self.L.lay, xq[0][0], xq[1][0], xq[2][0], self.nblk_g, xu[0][0], xu[1][0], xu[2][0],
                    self.nblk_u, self.sel, k, gate_in, gthresh, np.float32(self.thresh), self.acts, self.part,
                    o, self.nthreads)

@@ -21,7 +21,8 @@ Tensors per layer N (hot-to-cold order = decreasing activation frequency on the 
 
 Cluster layout: two sections, each padded to 4 KiB so either can be read alone with O_DIRECT:
     gate section:    gate rows of the C neurons in the row layout (qs, qh, sc, d, m fields)
-    up+down section: up rows (same fields), down columns as Q8_0 along n_embd (q int8, d float32)
+    up+down section: up rows (same fields), down columns along n_embd as Q8_0 or Q5_0 (the recipe's
+                     down_type), in the same row layout
 Each field is a [C, width] array starting on a 64-byte boundary.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ FORMAT_VERSION = 1
 CONVERTER_VERSION = "0.1.0"
 SECTION_ALIGN = 4096
 FIELD_ALIGN = 64
-DOWN_TYPE = 8  # Q8_0
+DOWN_TYPES = {"Q8_0": 8, "Q5_0": 6}  # down-column types (gguf-py quantises both)
 
 
 def _up(n: int, a: int) -> int:
@@ -59,16 +60,17 @@ class ClusterLayout:
     gate_type: int
     up_type: int
     n_embd: int
-    lay: np.ndarray        # int64 [24]: (offset, row bytes) of the 12 fields (kernels/sparse.py)
+    lay: np.ndarray        # int64 [30]: (offset, row bytes) of the 15 fields (kernels/sparse.py)
     gate_bytes: int        # the gate section, 4 KiB padded
     nbytes: int            # the whole cluster, 4 KiB padded
+    down_type: int = 8
 
     @property
     def updown_bytes(self) -> int:
         return self.nbytes - self.gate_bytes
 
 
-def cluster_layout(gate_type: int, up_type: int, n_embd: int, C: int) -> ClusterLayout:
+def cluster_layout(gate_type: int, up_type: int, n_embd: int, C: int, down_type: int = 8) -> ClusterLayout:
     lay, o = [], 0
     for f, w in enumerate(row_field_widths(gate_type, n_embd)):
         o = _up(o, FIELD_ALIGN)
@@ -76,22 +78,24 @@ def cluster_layout(gate_type: int, up_type: int, n_embd: int, C: int) -> Cluster
         o += C * w
     gate_bytes = _up(o, SECTION_ALIGN)
     o = gate_bytes
-    widths = row_field_widths(up_type, n_embd) + [n_embd, n_embd // 32 * 4]
+    widths = row_field_widths(up_type, n_embd) + row_field_widths(down_type, n_embd)
     for w in widths:
         o = _up(o, FIELD_ALIGN)
         lay += [o, w]
         o += C * w
-    return ClusterLayout(C, gate_type, up_type, n_embd, np.array(lay, np.int64), gate_bytes, _up(o, SECTION_ALIGN))
+    return ClusterLayout(C, gate_type, up_type, n_embd, np.array(lay, np.int64), gate_bytes, _up(o, SECTION_ALIGN),
+                         down_type)
 
 
-def choose_cluster_size(gate_type: int, up_type: int, n_embd: int, n_ff: int, target: int = 128 << 10) -> int:
+def choose_cluster_size(gate_type: int, up_type: int, n_embd: int, n_ff: int, target: int = 128 << 10,
+                        down_type: int = 8) -> int:
     """The number of neurons per cluster: a divisor of n_ff whose cluster is near `target` bytes
     (large requests are what flash serves fast) with the least padding."""
     best = None
     for C in (8, 16, 24, 32, 48, 64, 96, 128):
         if n_ff % C:
             continue
-        L = cluster_layout(gate_type, up_type, n_embd, C)
+        L = cluster_layout(gate_type, up_type, n_embd, C, down_type)
         per = L.nbytes / C
         score = per * (1.0 + abs(np.log2(L.nbytes / target)) * 0.05)
         if best is None or score < best[0]:
@@ -117,6 +121,7 @@ class PackageInfo:
     levels: list
     C: int
     rank: int
+    down_type: int = 8
 
     def level_index(self, sparsity: float) -> int:
         for i, s in enumerate(self.levels):
@@ -150,7 +155,10 @@ def open_package(g) -> PackageInfo:
     C, rank = int(recipe["cluster_neurons"]), int(recipe["predictor_rank"])
     if C <= 0 or rank <= 0:
         raise EdgertError(f"{p}: package recipe has cluster_neurons {C}, predictor_rank {rank}")
-    return PackageInfo(p, recipe, [float(x) for x in levels], C, rank)
+    dt = recipe.get("down_type", "Q8_0")
+    if dt not in DOWN_TYPES:
+        raise EdgertError(f"{p}: package recipe has down_type {dt!r} (this edgert reads {', '.join(DOWN_TYPES)})")
+    return PackageInfo(p, recipe, [float(x) for x in levels], C, rank, DOWN_TYPES[dt])
 
 
 def verify_tensors(g, names=None, reader=None):

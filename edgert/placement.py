@@ -21,6 +21,7 @@ FFN_NAMES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 PACKAGE_SUFFIXES = ("ffn_clusters", "ffn_perm", "ffn_freq", "ffn_thresh", "gate_thresh", "pred_a", "pred_a_scale",
                     "pred_b", "pred_b_scale", "pred_thresh")
 MIN_SLOTS = 4       # neuron-cache slots per layer below which a sparse plan is refused
+SMALL_BATCH = 64    # prompt batch when the FFN is not resident
 SLACK = 24 << 20    # allocator and interpreter growth after planning (measured: 5-15 MiB)
 
 
@@ -35,6 +36,11 @@ class Placement:
     limit: int
     plan: dict = field(default_factory=dict)   # category -> bytes on top of `fixed`
     cache_bytes: int = 0      # neuron cache, all layers (sparse)
+    n_batch: int = 512        # prompt batch the scratch is sized for
+
+    @property
+    def peak(self) -> int:
+        return _peak(self.plan)
 
     def lines(self) -> list[str]:
         """The plan, as llama.cpp prints its offload summary."""
@@ -43,8 +49,17 @@ class Placement:
                + f", token embedding {self.embd}, LM head {self.output}",
                f"placement: fixed process cost {mib(self.fixed)} measured + "
                + ", ".join(f"{k} {mib(v)}" for k, v in self.plan.items() if v)
-               + f" = {mib(self.fixed + sum(self.plan.values()))} of budget {mib(self.limit)}"]
+               + f": peak {mib(self.fixed + self.peak)} of budget {mib(self.limit)} (load staging is freed "
+               f"before the caches are allocated)"]
         return out
+
+
+def _peak(plan: dict) -> int:
+    """Peak bytes of a plan: loading's staging is released before the caches, KV cache and
+    scratch are allocated, so it counts only where it is larger than them."""
+    late = sum(v for k, v in plan.items() if k not in ("weights", "embedding", "ffn", "ffn gate (resident)",
+                                                         "predictors", "load staging"))
+    return sum(plan.values()) - late - plan.get("load staging", 0) + max(late, plan.get("load staging", 0))
 
 
 def _role(name: str) -> str:
@@ -83,6 +98,12 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
             by["output"] = b
         staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
     tied = "output.weight" not in g.tensors
+    dense = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
+             "scratch": scratch_bytes(c, n_batch), "load staging": staging, "embedding": by["embd"], "ffn": by["ffn"]}
+    if mode == "auto":
+        mode = "dense" if _peak(dense) <= limit - fixed - SLACK else ("sparse" if pkg is not None else "stream")
+    if mode != "dense":  # prompts in batches of at most SMALL_BATCH: less scratch (the FFN is on flash anyway)
+        n_batch = min(n_batch, SMALL_BATCH)
     base = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
             "scratch": scratch_bytes(c, n_batch), "load staging": staging}
     avail = limit - fixed - SLACK
@@ -92,15 +113,12 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
     layers = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
     stream_stage = 2 * staging_bytes(layers) + max(sum(repacked_nbytes(t.qtype, t.rows, t.cols) for t in ts)
                                                for ts in layers)
-    dense = {**base, "embedding": by["embd"], "ffn": by["ffn"]}
-    if mode == "auto":
-        mode = "dense" if sum(dense.values()) <= avail else ("sparse" if pkg is not None else "stream")
     if mode not in ("dense", "stream", "sparse"):
         raise EdgertError(f"--ffn {mode}: must be auto, dense, stream or sparse")
     if mode == "sparse" and pkg is None:
         raise EdgertError(f"{g.path}: --ffn sparse needs an edgert package (make one with edgert convert)")
     s = sparsity if sparsity is not None else (float(pkg.recipe["sparsity"]) if pkg else 0.0)
-    p = Placement(mode, "resident", "resident", selector, s, fixed, limit)
+    p = Placement(mode, "resident", "resident", selector, s, fixed, limit, n_batch=n_batch)
     if mode == "dense":
         p.plan = dense
     else:
@@ -114,30 +132,31 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
                 p.plan["ffn gate (resident)"] = by["gate"]
             from edgert.package import cluster_layout
             tg, tu = layers[0][0], layers[0][1]
-            L = cluster_layout(tg.qtype, tu.qtype, c.n_embd, pkg.C)
+            L = cluster_layout(tg.qtype, tu.qtype, c.n_embd, pkg.C, pkg.down_type)
             n_cl = -(-c.n_ff // pkg.C)
-            room = avail - sum(p.plan.values())
+            room = avail - _peak(p.plan)
             per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
+            if per_layer < n_cl and "ffn staging" in p.plan:
+                # not every cluster fits: no dense prefill staging (prompts run through the sparse
+                # path token by token), its bytes go to the cache
+                del p.plan["ffn staging"]
+                room = avail - _peak(p.plan)
+                per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < MIN_SLOTS and not tied:  # the LM head to flash, read every token
                 from edgert.streamed import FlashMatrix
                 p.output = "flash"
                 p.plan["weights"] -= by["output"]
                 p.plan["lm head staging"] = FlashMatrix.plan_bytes(g.tensors["output.weight"])
-                room = avail - sum(p.plan.values())
+                room = avail - _peak(p.plan)
                 per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < MIN_SLOTS:
                 raise EdgertError(
                     f"{g.path}: the memory budget {mib(limit)} ({source}) leaves {mib(max(room, 0))} for the neuron cache "
                     f"after the fixed cost {mib(fixed)} and " + ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)
                     + f"; at least {mib(MIN_SLOTS * L.nbytes * c.n_layer)} ({MIN_SLOTS} clusters a layer) is needed")
-            if per_layer < n_cl and p.plan.get("ffn staging") and room - p.plan["ffn staging"] > 0:
-                # not everything fits: no dense prefill staging (prompts run through the sparse
-                # path token by token), its bytes go to the cache
-                room += p.plan.pop("ffn staging")
-                per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             p.cache_bytes = per_layer * c.n_layer * L.nbytes
             p.plan["neuron cache"] = p.cache_bytes
-    need = sum(p.plan.values())
+    need = _peak(p.plan)
     if need > avail:
         parts = ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)
         hint = "; an edgert package runs it sparse from flash (edgert convert)" if pkg is None else ""

@@ -96,7 +96,7 @@ class FlashRows:
 class FlashMatrix:
     """A matrix [rows, cols] left on flash, multiplied chunk by chunk of rows as it is read."""
 
-    CHUNK = 4 << 20  # bytes of rows per chunk
+    CHUNK = 2 << 20  # bytes of rows per chunk
 
     def __init__(self, reader, t, stats):
         self.reader, self.t, self.stats = reader, t, stats

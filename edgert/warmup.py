@@ -3,7 +3,7 @@
 A device must build its own cache (the compiled code targets the host CPU): `edgert warmup` runs
 this once after installation. It evaluates tiny random models of each architecture, which
 exercise every quant type, both rope modes, biases, q/k norms, GeGLU and SwiGLU, single-token
-decode and batched prefill.
+decode and batched prefill, and a package of one of them for the sparse FFN kernels.
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def warmup() -> int:
     """Returns the number of compiled kernel signatures."""
     import numpy as np
 
+    from pydoc_data.topics import topics
+
+    from edgert.converters.package import convert
     from edgert.converters.tiny import tiny_model_path
     from edgert.model import Model
     for arch, kw in ARCH_SHAPES.items():
@@ -32,6 +35,15 @@ def warmup() -> int:
             m = Model(path, n_ctx=32, n_batch=8)
             m.forward(np.arange(3, 13), all_logits=True)  # two batches: prefill
             m.decode_one_token(5)                          # decode
+            if arch == "llama":  # the sparse FFN: a package, both selectors, both down types
+                text = "\n".join(topics[k] for k in sorted(topics))[:20000]
+                for dt in ("Q8_0", "Q5_0"):
+                    pkg = os.path.join(os.path.dirname(path), f"w-{dt}.edgert.gguf")
+                    convert(path, pkg, text, "warmup", levels=(0.5,), calib_tokens=128, window=128, down_type=dt)
+                    for sel in ("predictor", "gate"):
+                        m = Model(pkg, n_ctx=32, n_batch=8, ffn="sparse", selector=sel)
+                        m.forward(np.arange(3, 7))
+                        m.decode_one_token(5)
         finally:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     return _count_signatures()
@@ -40,7 +52,7 @@ def warmup() -> int:
 def _count_signatures() -> int:
     import importlib
     n = 0
-    for mod in ("quant", "matmul", "norm", "rope", "attention", "activation"):
+    for mod in ("quant", "matmul", "norm", "rope", "attention", "activation", "sparse"):
         m = importlib.import_module(f"edgert.kernels.{mod}")
         for obj in vars(m).values():
             n += len(getattr(obj, "signatures", []) or [])

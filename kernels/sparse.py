@@ -7,10 +7,10 @@ array at a fixed offset (converters/package.py writes it, edgert/package.py desc
 
     gate  qs qh sc d m    the neuron's gate row in the row layout of kernels/simd.py (lossless)
     up    qs qh sc d m    its up row, the same
-    down  q [C, E] int8, d [C, E / 32] float32   its down column, Q8_0 along n_embd
+    down  qs qh sc d m    its down column along n_embd, Q8_0 (qs: int8 bits) or Q5_0 (qs nibbles,
+                          qh high bits), in the same row layout
 
-`lay` holds (offset, row bytes) of the 12 fields in that order: gate qs, qh, sc, d, m, up qs, qh,
-sc, d, m, down q, down d. The gate and up dot products are the AVX2 integer kernels of
+`lay` holds (offset, row bytes) of the 15 fields in that order. The gate and up dot products are the AVX2 integer kernels of
 kernels/simd.py (bit-identical with llama.cpp's per row); the down projection is a float
 accumulation of a * column (llama.cpp has no column-wise product to match).
 """
@@ -22,7 +22,7 @@ import numpy as np
 from edgert.kernels.activation import act_scalar
 from edgert.kernels.simd import _dot, kdot_q4_K, kdot_q6_K
 
-N_FIELDS = 12
+N_FIELDS = 15
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -43,7 +43,7 @@ def _row_dot(qtype, base, lay, f, r, px, pxd, pxs, nblk, tmp):
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def sparse_ffn(gtype, utype, act, slots, slots_i8, slots_f32, C, lay, xg8, xgd, xgs, nblk_g,
+def sparse_ffn(gtype, utype, dtype, act, slots, slots_i8, slots_f32, C, lay, xg8, xgd, xgs, nblk_g,
                xu8, xud, xus, nblk_u, sel, n_sel, gate_in, gthresh, athresh, acts, part, out, nthreads):
     """out[E] = sum over selected neurons k with |act(g_k)| > gthresh and |act(g_k) * u_k| >
     athresh of act(g_k) * u_k * down_k (a neuron below the first threshold costs its gate row,
@@ -83,11 +83,24 @@ def sparse_ffn(gtype, utype, act, slots, slots_i8, slots_f32, C, lay, xg8, xgd, 
                 continue
             acts[k] = a
             q0 = lay[20] + r * lay[21]           # byte offset of the down column's quants
-            d0 = (lay[22] + r * lay[23]) // 4    # float32 index of its scales
-            for b in range(E // 32):
-                sb = a * slots_f32[s, d0 + b]
-                for j in range(32):
-                    p[32 * b + j] += sb * np.float32(slots_i8[s, q0 + 32 * b + j])
+            h0 = lay[22] + r * lay[23]           # ... of its high bits (Q5_0)
+            d0 = (lay[26] + r * lay[27]) // 4    # float32 index of its scales
+            if dtype == 8:
+                for b in range(E // 32):
+                    sb = a * slots_f32[s, d0 + b]
+                    for j in range(32):
+                        p[32 * b + j] += sb * np.float32(slots_i8[s, q0 + 32 * b + j])
+            else:  # Q5_0: value = (nibble | high bit << 4) - 16
+                for b in range(E // 32):
+                    sb = a * slots_f32[s, d0 + b]
+                    hb = (np.uint32(slots[s, h0 + 4 * b]) | (np.uint32(slots[s, h0 + 4 * b + 1]) << 8)
+                          | (np.uint32(slots[s, h0 + 4 * b + 2]) << 16) | (np.uint32(slots[s, h0 + 4 * b + 3]) << 24))
+                    for j in range(16):
+                        v = slots[s, q0 + 16 * b + j]
+                        lo = np.int32(v & 15) | np.int32(((hb >> j) & 1) << 4)
+                        hi = np.int32(v >> 4) | np.int32(((hb >> (j + 16)) & 1) << 4)
+                        p[32 * b + j] += sb * np.float32(lo - 16)
+                        p[32 * b + 16 + j] += sb * np.float32(hi - 16)
     for e in range(E):
         t = np.float32(0.0)
         for c in range(nthreads):

@@ -54,7 +54,7 @@ def test_package_layout_is_lossless_for_gate_and_up(package, tiny_models):
     perm = g.raw("blk.1.ffn_perm").view(np.int32)
     assert sorted(perm) == list(range(len(perm)))
     tg = src.tensors["blk.1.ffn_gate.weight"]
-    L = cluster_layout(tg.qtype, src.tensors["blk.1.ffn_up.weight"].qtype, tg.cols, info.C)
+    L = cluster_layout(tg.qtype, src.tensors["blk.1.ffn_up.weight"].qtype, tg.cols, info.C, info.down_type)
     cl = g.raw("blk.1.ffn_clusters").reshape(-1, L.nbytes)
     rb = tg.nbytes // tg.rows
     want = repack(tg.qtype, src.raw(tg.name).reshape(tg.rows, rb)[perm].reshape(-1), tg.rows, tg.cols, "rows")
@@ -233,3 +233,41 @@ def test_fuzzed_package_metadata_never_crashes(package, tmp_path):
             g.close()
         except EdgertError:
             pass
+
+
+def test_q5_0_down_columns(tiny_models, tmp_path):
+    """Down columns at Q5_0 (fewer bytes to read): the sparse path at sparsity 0 still follows
+    the dense one, with the same kernel checks as Q8_0."""
+    from edgert.converters.package import convert
+    out = str(tmp_path / "q5.edgert.gguf")
+    convert(tiny_models["qwen2"], out, english_text(), "t", levels=(0.0, 0.5), calib_tokens=256, window=128,
+            down_type="Q5_0")
+    dense = Model(out, n_ctx=16, ffn="dense")
+    m = Model(out, n_ctx=16, ffn="sparse", sparsity=0.0, selector="gate")
+    assert m.ffn[0].L.down_type == 6
+    x = np.random.default_rng(1).standard_normal((1, m.cfg.n_embd)).astype(np.float32)
+    for il in range(m.cfg.n_layer):
+        got, ref = np.zeros_like(x), np.zeros_like(x)
+        m.ffn[il](x, got)
+        dense.ffn[il](x, ref)
+        assert np.abs(got - ref).max() < 0.08 * np.abs(ref).max(), il
+    with pytest.raises(EdgertError, match="--down-type Q2_K: must be one of Q8_0, Q5_0"):
+        convert(tiny_models["qwen2"], out, english_text(), "t", down_type="Q2_K")
+
+
+@pytest.mark.parametrize("slots,hot", [(3, 0.0), (1, 0.0), (5, 0.4)])
+def test_more_misses_than_cache_slots(package, slots, hot):
+    """A token needing more clusters than the cache holds reads them in rounds (half the LRU
+    slots at a time, the next round in flight while one is computed): the same result as with a
+    cache holding every cluster."""
+    ids = [5, 9, 14, 3, 30]
+
+    def run(**kw):
+        m = Model(package, n_ctx=16, ffn="sparse", sparsity=0.0, selector="gate", **kw)
+        return m, np.array([m.forward([t])[-1] for t in ids])
+    _, full = run()
+    m, small = run(cache_slots=slots, hot_fraction=hot)
+    assert m.ffn[0].slots.shape[0] == slots
+    np.testing.assert_allclose(small, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    st = m.stats.as_dict()
+    assert st["neuron_hit_rate"] < 0.7 and st["sparsity"] < 0.01
