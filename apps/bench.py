@@ -121,7 +121,7 @@ def main(argv) -> int:
     ffns = [x.strip() for x in args.ffn.split(",") if x.strip()]
     sps = [float(x) for x in args.sparsity.split(",")] if args.sparsity else [None]
     sels = [x.strip() for x in args.selector.split(",") if x.strip()]
-    sources = {p: source_of(p, args.source) for p in paths}
+    sources = {p: source_of(p, args.source) for p in paths} if args.baseline else {}
 
     def variants(path):
         vs = []
@@ -136,7 +136,9 @@ def main(argv) -> int:
         from edgert.cgroup import available
         if not available():
             raise EdgertError("--cap needs root and the cgroup v1 memory controller (/sys/fs/cgroup/memory)")
-    budgets_of = {p: parse_budgets(args.mem_budget, os.path.getsize(sources[p])) for p in paths}
+    from edgert.bench import model_info  # a package's size: its source tensors' (= the source file's, near enough)
+    budgets_of = {p: parse_budgets(args.mem_budget, os.path.getsize(sources[p]) if p in sources
+                                   else model_info(p)["model_size"]) for p in paths}
     tty = is_tty()
     results = []
     for p in paths:  # budgets are relative to each model's source file

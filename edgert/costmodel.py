@@ -48,8 +48,9 @@ def decode_ops(model, pos: int) -> list[Op]:
     E, hd = c.n_embd, c.head_dim
     ops = [Op("embed", -1, "small", (("embed", E, model.tok_embd.nbytes // c.n_vocab + 4 * E),))]
 
-    def mm(name, il, mats):
-        return Op(name, il, "matmul", tuple((type_name(w.qtype), w.rows * w.cols, w.nbytes) for w in mats))
+    def mm(name, il, mats):  # QMatrix, or a tensor left on flash (FlashMatrix / TensorInfo): its file bytes
+        return Op(name, il, "matmul", tuple((type_name(w.qtype), w.rows * w.cols, getattr(w, "t", w).nbytes)
+                                            for w in mats))
 
     def small(name, il, kernel, work, nbytes):
         return Op(name, il, "small", ((kernel, work, nbytes),))
@@ -70,10 +71,13 @@ def decode_ops(model, pos: int) -> list[Op]:
                 mm("attn_out", il, (L.wo,))]
         if L.post_attn_norm is not None:
             ops.append(small("post_attn_norm", il, "rmsnorm", E, 8 * E))
+        # a FFN not resident (streamed or sparse) is modelled as its dense product: an upper bound
+        # on its work, its bytes as memory traffic (flash reads are not in this model)
+        w_gate, w_up, w_down = ((L.w_gate, L.w_up, L.w_down) if L.w_up is not None else model.ffn_tensors[il])
         ops += [small("ffn_norm", il, "rmsnorm", E, 8 * E),
-                mm("gate_up", il, (L.w_gate, L.w_up)),
+                mm("gate_up", il, (w_gate, w_up)),
                 small("act", il, "geglu" if c.ffn_act == "gelu" else "swiglu", c.n_ff, 12 * c.n_ff),
-                mm("ffn_down", il, (L.w_down,))]
+                mm("ffn_down", il, (w_down,))]
         if L.post_ffn_norm is not None:
             ops.append(small("post_ffn_norm", il, "rmsnorm", E, 8 * E))
     ops += [small("out_norm", -1, "rmsnorm", E, 8 * E), mm("output", -1, (model.output,))]

@@ -243,6 +243,7 @@ class Model:
             pl.cache_bytes = cache_slots * c.n_layer * cluster_layout(
                 g.tensors["blk.0.ffn_gate.weight"].qtype, g.tensors["blk.0.ffn_up.weight"].qtype, c.n_embd,
                 self.pkg.C, self.pkg.down_type).nbytes
+        self.ffn_tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
         self.ffn = build_ffn(self, g, pl, hot_fraction, measure_recall)
         g.close()
         # per layer: (K cache, V cache, attention window, rope theta scale, rope frequency

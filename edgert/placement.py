@@ -54,6 +54,13 @@ class Placement:
         return out
 
 
+def _lm_head_to_flash(p: Placement, g, by):
+    from edgert.streamed import FlashMatrix
+    p.output = "flash"
+    p.plan["weights"] -= by["output"]
+    p.plan["lm head staging"] = FlashMatrix.plan_bytes(g.tensors["output.weight"])
+
+
 def _peak(plan: dict) -> int:
     """Peak bytes of a plan: loading's staging is released before the caches, KV cache and
     scratch are allocated, so it counts only where it is larger than them."""
@@ -143,10 +150,7 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
                 room = avail - _peak(p.plan)
                 per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < MIN_SLOTS and not tied:  # the LM head to flash, read every token
-                from edgert.streamed import FlashMatrix
-                p.output = "flash"
-                p.plan["weights"] -= by["output"]
-                p.plan["lm head staging"] = FlashMatrix.plan_bytes(g.tensors["output.weight"])
+                _lm_head_to_flash(p, g, by)
                 room = avail - _peak(p.plan)
                 per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < MIN_SLOTS:
@@ -156,6 +160,8 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
                     + f"; at least {mib(MIN_SLOTS * L.nbytes * c.n_layer)} ({MIN_SLOTS} clusters a layer) is needed")
             p.cache_bytes = per_layer * c.n_layer * L.nbytes
             p.plan["neuron cache"] = p.cache_bytes
+        elif _peak(p.plan) > avail and not tied:  # stream: the LM head to flash too when it does not fit
+            _lm_head_to_flash(p, g, by)
     need = _peak(p.plan)
     if need > avail:
         parts = ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)

@@ -271,3 +271,46 @@ def test_more_misses_than_cache_slots(package, slots, hot):
     np.testing.assert_allclose(small, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
     st = m.stats.as_dict()
     assert st["neuron_hit_rate"] < 0.7 and st["sparsity"] < 0.01
+
+
+def test_bench_rows_carry_the_store_metrics(package, tmp_path):
+    """edgert bench on a package with a budget list: JSON rows with the sparse FFN's metrics, and
+    under a cap too small for it a row saying why instead of a crash."""
+    import json
+    from edgert.cgroup import available
+    args = ["bench", "-m", package, "-p", "0", "-n", "3", "-r", "1", "-t", "1", "--ffn", "sparse,stream",
+            "--sparsity", "0.5", "--selector", "gate", "--mem-budget", "600MB", "-o", "json"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["ffn"] for row in rows} == {"sparse", "stream"}
+    for row in rows:
+        for k in ("sparsity", "predictor_recall", "neuron_hit_rate", "bytes_read_per_token", "io_wait_s",
+                  "mem_budget_bytes"):
+            assert k in row
+        assert row["mem_budget_bytes"] == 600 * 10**6 and row["avg_ts"] > 0
+    sparse = next(row for row in rows if row["ffn"] == "sparse")
+    assert 0.3 < sparse["sparsity"] < 0.7 and sparse["neuron_hit_rate"] is not None
+    if available():
+        r = run_cli("bench", "-m", package, "-p", "0", "-n", "2", "-r", "1", "-t", "1", "--ffn", "sparse",
+                    "--mem-budget", "60MB", "--cap")
+        assert r.returncode == 0, r.stderr
+        assert "benchmark worker failed" in r.stdout or "killed by the memory cap" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", [
+    ["run", "-p", "ab", "-n", "4", "--temp", "0"],
+    ["perplexity", "-f", "{text}", "-c", "64", "--chunks", "1", "--measure-recall"],
+    ["simulate", "--device", "pixel-8-pro", "-n", "3", "-r", "1"],
+    ["profile", "-n", "3"],
+])
+def test_commands_take_a_package(package, tmp_path, cmd):
+    text = tmp_path / "t.txt"
+    text.write_text(english_text(20000))
+    args = [a.replace("{text}", str(text)) for a in cmd]
+    r = run_cli(args[0], "-m", package, *args[1:], "-t", "1", "--ffn", "sparse", "--sparsity", "0.5")
+    assert r.returncode == 0, r.stderr
+    if cmd[0] == "run":
+        assert "ffn = sparse: sparsity" in r.stderr and "placement: ffn sparse" in r.stderr
+    if cmd[0] == "perplexity":
+        assert "Final estimate: PPL" in r.stdout and "recall 0." in r.stdout
