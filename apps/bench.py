@@ -65,6 +65,11 @@ def source_of(path: str, explicit: str | None) -> str:
     finally:
         g.close()
     if explicit:
+        from edgert.converters.package import file_sha256
+        want = GGUFFile(path).get("edgert.recipe.source_sha256")
+        if file_sha256(explicit) != want:
+            raise EdgertError(f"{explicit}: not the file {path} was converted from (its sha256 differs from "
+                              f"the package recipe's source_sha256)")
         return explicit
     from edgert.settings import env
     import os

@@ -31,9 +31,10 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
     p.add_argument("--sparsity", type=float, default=float(env("EDGERT_SPARSITY")) if env("EDGERT_SPARSITY") else None,
                    help="FFN sparsity of sparse decode, one of the package's calibrated levels "
                         "[env EDGERT_SPARSITY; default: the package's recipe]")
-    p.add_argument("--selector", default=env("EDGERT_SELECTOR"), choices=("predictor", "gate"),
-                   help="how sparse decode picks neurons: the low-rank predictor (no FFN weight read "
-                        "first) or the exact gate (gate matrix resident) [env EDGERT_SELECTOR]")
+    p.add_argument("--selector", default=env("EDGERT_SELECTOR"), choices=("auto", "predictor", "gate"),
+                   help="how sparse decode picks neurons: the exact gate (gate matrices resident), the "
+                        "low-rank predictor (no FFN weight read first), or auto: the gate when it fits "
+                        "[env EDGERT_SELECTOR]")
     p.add_argument("--hot-fraction", type=float, default=0.5,
                    help="share of the neuron cache pinned to the hottest clusters (the rest is LRU)")
     if ctx:
@@ -86,7 +87,7 @@ def load(args):
                   throttle=getattr(args, "throttle", None), tracer=getattr(args, "tracer", None),
                   expand_q5=getattr(args, "expand_q5", False), before_weights=make_tokenizer,
                   ffn=getattr(args, "ffn", "auto"), sparsity=getattr(args, "sparsity", None),
-                  selector=getattr(args, "selector", "predictor"), hot_fraction=getattr(args, "hot_fraction", 0.5),
+                  selector=getattr(args, "selector", "auto"), hot_fraction=getattr(args, "hot_fraction", 0.5),
                   measure_recall=getattr(args, "measure_recall", False))
     return model, made[0]
 

@@ -19,7 +19,10 @@ def build_parser():
     p.add_argument("-c", "--ctx-size", type=int, default=512)
     p.add_argument("--chunks", type=int, default=2)
     p.add_argument("--levels", default=None, help="sparsities (default: all the package's levels)")
-    p.add_argument("--selectors", default="gate,predictor")
+    p.add_argument("--selectors", default="gate,predictor,predictor-only",
+                   help="gate: exact gate; predictor: the predictor plus every neuron of a cached cluster "
+                        "(here every cluster is cached: in memory); predictor-only: the predictor alone "
+                        "decides (what a token whose clusters are all on flash gets)")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--png", default=None, help="write the curve as a PNG (needs the plot extra)")
     p.add_argument("--json", default=None, help="write the rows as JSON")
@@ -54,8 +57,8 @@ def main(argv) -> int:
     err(f"dense: PPL {base:.4f}")
     for sel in [s.strip() for s in args.selectors.split(",") if s.strip()]:
         for lv in pkg_levels:
-            m = Model(args.model, n_ctx=args.ctx_size, ffn="sparse", sparsity=lv, selector=sel,
-                      measure_recall=sel == "predictor")
+            m = Model(args.model, n_ctx=args.ctx_size, ffn="sparse", sparsity=lv, selector=sel.split("-")[0],
+                      measure_recall=sel.startswith("predictor"), cached_candidates=sel != "predictor-only")
             r = perplexity(m, ids, args.ctx_size, args.chunks, bos, per_token=True)
             st = m.stats.as_dict()
             rows.append({"selector": sel, "level": lv, "ppl": r.ppl, "delta": r.ppl / base - 1,

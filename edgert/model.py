@@ -89,12 +89,13 @@ def make_ops(c: ModelConfig) -> SimpleNamespace:
         ffn_down=matmul, post_ffn_norm=rmsnorm, out_norm=rmsnorm, output=matmul)
 
 
-def load_weights(g: GGUFFile, c: ModelConfig, ffn: bool = True, gate: bool = False, embd: bool = True,
+def load_weights(g: GGUFFile, c: ModelConfig, ffn: int | None = None, gate: bool = False, embd: bool = True,
                  output: bool = True, reader=None, stats=None):
     """-> (token_embd, output_norm, output, layers), every shape checked against the config; the
-    FFN matrices only with ffn (the gate alone with gate), the embedding table and the output
+    FFN matrices of the first `ffn` layers (default all; the gate alone with gate), the embedding table and the output
     matrix left on flash (FlashRows / FlashMatrix through reader) unless embd / output."""
     E, Dq, Dkv = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    n_ffn = c.n_layer if ffn is None else ffn
 
     def opt_vec(name, n):
         return g.load_vector(name, n) if name in g.tensors else None
@@ -135,9 +136,9 @@ def load_weights(g: GGUFFile, c: ModelConfig, ffn: bool = True, gate: bool = Fal
             k_norm=g.load_vector(p + "attn_k_norm.weight", c.head_dim) if c.qk_norm else None,
             post_attn_norm=g.load_vector(p + "post_attention_norm.weight", E) if c.post_norms else None,
             ffn_norm=g.load_vector(p + "ffn_norm.weight", E),
-            w_gate=opt_ffn(p + "ffn_gate.weight", c.n_ff, E, ffn or gate),
-            w_up=opt_ffn(p + "ffn_up.weight", c.n_ff, E, ffn),
-            w_down=opt_ffn(p + "ffn_down.weight", E, c.n_ff, ffn),
+            w_gate=opt_ffn(p + "ffn_gate.weight", c.n_ff, E, il < n_ffn or gate),
+            w_up=opt_ffn(p + "ffn_up.weight", c.n_ff, E, il < n_ffn),
+            w_down=opt_ffn(p + "ffn_down.weight", E, c.n_ff, il < n_ffn),
             post_ffn_norm=g.load_vector(p + "post_ffw_norm.weight", E) if c.post_norms else None,
         ))
     output_norm = g.load_vector("output_norm.weight", E)
@@ -150,8 +151,8 @@ class Model:
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, budget: MemoryBudget | None = None,
                  direct_io: bool = False, throttle=None, tracer=None, expand_q5: bool | None = None,
                  before_weights=None, ffn: str = "auto", sparsity: float | None = None,
-                 selector: str = "predictor", hot_fraction: float = 0.5, verify: bool = True,
-                 measure_recall: bool = False, cache_slots: int | None = None):
+                 selector: str = "auto", hot_fraction: float = 0.5, verify: bool = True,
+                 measure_recall: bool = False, cache_slots: int | None = None, cached_candidates: bool = True):
         """Load `path` (a GGUF file or an edgert package). Matrices are read through a FlashReader
         (O_DIRECT with direct_io, else buffered; `throttle` a FlashCurve imposing a device's
         flash); `tracer` records the load's reads and, attached, every op; expand_q5 holds Q5_0
@@ -161,7 +162,8 @@ class Model:
         (edgert/placement.py); sparsity / selector / hot_fraction: the NeuronStore's (packages);
         verify: check every tensor's sha256 of a package before use; measure_recall: hold the
         gate matrices too and count how many of the exactly active neurons the selector finds;
-        cache_slots: neuron-cache clusters per layer (default: what the budget leaves)."""
+        cache_slots: neuron-cache clusters per layer (default: what the budget leaves);
+        cached_candidates: with the predictor, every neuron of a cached cluster is a candidate."""
         t0 = time.perf_counter()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
@@ -200,7 +202,8 @@ class Model:
         t_read = time.perf_counter()
         try:
             self.tok_embd, self.output_norm, self.output, self.layers = load_weights(
-                g, c, ffn=pl.ffn == "dense", gate=pl.ffn == "sparse" and (pl.selector == "gate" or measure_recall),
+                g, c, ffn=c.n_layer if pl.ffn == "dense" else pl.dense_layers,
+                gate=pl.ffn == "sparse" and (pl.selector == "gate" or measure_recall),
                 embd=pl.embd == "resident", output=pl.output == "resident", reader=self.reader, stats=self.stats)
         finally:
             g.reader.close()
@@ -244,7 +247,7 @@ class Model:
                 g.tensors["blk.0.ffn_gate.weight"].qtype, g.tensors["blk.0.ffn_up.weight"].qtype, c.n_embd,
                 self.pkg.C, self.pkg.down_type).nbytes
         self.ffn_tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
-        self.ffn = build_ffn(self, g, pl, hot_fraction, measure_recall)
+        self.ffn = build_ffn(self, g, pl, hot_fraction, measure_recall, cached_candidates)
         g.close()
         # per layer: (K cache, V cache, attention window, rope theta scale, rope frequency
         # scale), the last two float32 as ggml computes them
@@ -410,7 +413,8 @@ class Model:
         return out
 
 
-def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bool = False) -> list:
+def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bool = False,
+              cached_candidates: bool = True) -> list:
     """The FFN store of every layer, as the placement plan says (charged to the budget)."""
     c = m.cfg
     scratch = FFNScratch(m)
@@ -422,8 +426,9 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
         streamer = Streamer(m.reader, tensors, m.stats)
         m._charge("ffn staging", pl.plan["ffn staging"])
         streams = [StreamFFN(il, streamer, scratch) for il in range(c.n_layer)]
-    if pl.ffn == "stream":
-        return streams
+    if pl.ffn == "stream":  # the first dense_layers resident all the same
+        return [DenseFFN(L.w_gate, L.w_up, L.w_down, scratch) if il < pl.dense_layers else streams[il]
+                for il, L in enumerate(m.layers)]
     from edgert.kernels.matmul import _THREADS
     from edgert.neuron_store import NeuronStore
     level = m.pkg.level_index(pl.sparsity)
@@ -436,7 +441,7 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
             raise EdgertError(f"{g.path}: layer {il}'s gate / up types differ from layer 0's")
         s = NeuronStore(g, il, c, L0, n_slots, int(n_slots * hot_fraction), m.reader, level, pl.selector,
                         scratch, streams[il], m.stats, gate=m.layers[il].w_gate, nthreads=_THREADS[0],
-                        measure_recall=measure_recall)
+                        measure_recall=measure_recall, cached_candidates=cached_candidates)
         s.pin_hottest()
         stores.append(s)
     m._charge("predictors", sum(s.a_q.nbytes + s.b_q.nbytes for s in stores))

@@ -40,13 +40,14 @@ class NeuronStore:
 
     def __init__(self, g, il: int, cfg, layout, n_slots: int, n_pinned: int, reader, level: int,
                  selector: str, scratch, stream, stats, gate: QMatrix | None = None, nthreads: int = 1,
-                 measure_recall: bool = False):
+                 measure_recall: bool = False, cached_candidates: bool = True):
         p = f"blk.{il}."
         self.il, self.C, self.L = il, layout.C, layout
         self.E, self.n_ff = cfg.n_embd, cfg.n_ff
         self.act = ACT_KIND[cfg.ffn_act]
         self.reader, self.stream, self.stats, self.s = reader, stream, stats, scratch
         self.selector, self.gate = selector, gate
+        self.cached_candidates = cached_candidates
         self.measure_recall = measure_recall and gate is not None
         t = g.tensors[p + "ffn_clusters"]
         self.cl_offset, self.n_clusters = t.offset, t.rows
@@ -124,6 +125,16 @@ class NeuronStore:
             return n
         predict_gate(x, self.a_q, self.a_s, self.b_q, self.b_s, self.h, self.pred)
         n = select_above(self.act, self.pred, self.pthresh, self.idx)
+        if self.cached_candidates:
+            # every neuron of a cached cluster is a candidate too: it costs no read, and the kernel's
+            # exact tests decide (the predictor misses neurons with large products: measured +57%
+            # perplexity at 30% sparsity on Qwen2.5-Coder-0.5B when it alone decides)
+            pick = np.zeros(self.n_clusters * self.C, np.bool_)   # [clusters * C] hot positions
+            pick[self.idx[:n]] = True
+            pick.reshape(self.n_clusters, self.C)[self.slot_of >= 0] = True
+            sel = np.flatnonzero(pick[:self.n_ff])
+            n = len(sel)
+            self.idx[:n] = sel
         if self.measure_recall:  # the exact gate's candidates, against the predictor's
             g = np.empty((1, self.n_ff), np.float32)
             matmul(self.gate, x.reshape(1, -1), g, self.s.act_e)

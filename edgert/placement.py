@@ -37,6 +37,7 @@ class Placement:
     plan: dict = field(default_factory=dict)   # category -> bytes on top of `fixed`
     cache_bytes: int = 0      # neuron cache, all layers (sparse)
     n_batch: int = 512        # prompt batch the scratch is sized for
+    dense_layers: int = 0     # stream: the first layers whose FFN is resident all the same
 
     @property
     def peak(self) -> int:
@@ -46,6 +47,7 @@ class Placement:
         """The plan, as llama.cpp prints its offload summary."""
         out = [f"placement: ffn {self.ffn}" + (f" ({self.selector} selector, sparsity {self.sparsity:g}, "
                                                 f"neuron cache {mib(self.cache_bytes)})" if self.ffn == "sparse" else "")
+               + (f" ({self.dense_layers} layers resident)" if self.ffn == "stream" and self.dense_layers else "")
                + f", token embedding {self.embd}, LM head {self.output}",
                f"placement: fixed process cost {mib(self.fixed)} measured + "
                + ", ".join(f"{k} {mib(v)}" for k, v in self.plan.items() if v)
@@ -65,7 +67,7 @@ def _peak(plan: dict) -> int:
     """Peak bytes of a plan: loading's staging is released before the caches, KV cache and
     scratch are allocated, so it counts only where it is larger than them."""
     late = sum(v for k, v in plan.items() if k not in ("weights", "embedding", "ffn", "ffn gate (resident)",
-                                                         "predictors", "load staging"))
+                                                         "ffn (resident layers)", "predictors", "load staging"))
     return sum(plan.values()) - late - plan.get("load staging", 0) + max(late, plan.get("load staging", 0))
 
 
@@ -80,8 +82,19 @@ def _role(name: str) -> str:
 
 
 def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode: str = "auto",
-                   pkg=None, selector: str = "predictor", sparsity: float | None = None,
+                   pkg=None, selector: str = "auto", sparsity: float | None = None,
                    source: str = "", gate_resident: bool = False) -> Placement:
+    """The plan; selector auto: the exact gate (better quality: docs/neuron-cache.md) when the
+    gate matrices fit beside a cache, else the predictor."""
+    if selector == "auto":
+        try:
+            return _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, "gate", sparsity, source, gate_resident)
+        except EdgertError:
+            selector = "predictor"
+    return _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident)
+
+
+def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident) -> Placement:
     from edgert.streamed import staging_bytes
     from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
     by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0}
@@ -107,7 +120,8 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
     tied = "output.weight" not in g.tensors
     dense = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
              "scratch": scratch_bytes(c, n_batch), "load staging": staging, "embedding": by["embd"], "ffn": by["ffn"]}
-    if mode == "auto":
+    auto = mode == "auto"
+    if auto:
         mode = "dense" if _peak(dense) <= limit - fixed - SLACK else ("sparse" if pkg is not None else "stream")
     if mode != "dense":  # prompts in batches of at most SMALL_BATCH: less scratch (the FFN is on flash anyway)
         n_batch = min(n_batch, SMALL_BATCH)
@@ -133,7 +147,7 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
         p.plan = {**base, "embedding": by["embd"] if tied else 0, "ffn staging": stream_stage}
         if mode == "sparse":
             if selector not in ("predictor", "gate"):
-                raise EdgertError(f"--selector {selector}: must be predictor or gate")
+                raise EdgertError(f"--selector {selector}: must be auto, predictor or gate")
             p.plan["predictors"] = by["package"]
             if selector == "gate" or gate_resident:
                 p.plan["ffn gate (resident)"] = by["gate"]
@@ -160,8 +174,18 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
                     + f"; at least {mib(MIN_SLOTS * L.nbytes * c.n_layer)} ({MIN_SLOTS} clusters a layer) is needed")
             p.cache_bytes = per_layer * c.n_layer * L.nbytes
             p.plan["neuron cache"] = p.cache_bytes
-        elif _peak(p.plan) > avail and not tied:  # stream: the LM head to flash too when it does not fit
-            _lm_head_to_flash(p, g, by)
+        else:
+            if _peak(p.plan) > avail and not tied:  # the LM head to flash too when it does not fit
+                _lm_head_to_flash(p, g, by)
+            # auto: as many layers' FFN resident as fit; the others streamed
+            per_layer = by["ffn"] // c.n_layer
+            p.dense_layers = int(min(c.n_layer, max(0, avail - _peak(p.plan)) // max(per_layer, 1))) if auto else 0
+            if p.dense_layers == c.n_layer:  # all of it after all (the embedding on flash, smaller batches)
+                p.ffn = "dense"
+                del p.plan["ffn staging"]
+                p.plan["ffn"] = by["ffn"]
+            elif p.dense_layers:
+                p.plan["ffn (resident layers)"] = p.dense_layers * per_layer
     need = _peak(p.plan)
     if need > avail:
         parts = ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)

@@ -16,7 +16,7 @@ KNOBS = {
     "EDGERT_RELEASE_JIT": ("1", "0: keep the JIT compiler's pages resident after the kernels are loaded (edgert/residency.py)"),
     "EDGERT_FFN": ("auto", "default for --ffn: auto, dense, stream or sparse (edgert/placement.py)"),
     "EDGERT_SPARSITY": ("", "default for --sparsity (sparse decode of packages)"),
-    "EDGERT_SELECTOR": ("predictor", "default for --selector: predictor or gate"),
+    "EDGERT_SELECTOR": ("auto", "default for --selector: auto (gate when it fits), gate or predictor"),
     "EDGERT_LOG": ("WARNING", "log level of the library (DEBUG, INFO, WARNING)"),
     "NUMBA_CACHE_DIR": ("~/.cache/edgert/numba", "where Numba keeps compiled kernels (in a subdirectory per hash of the kernel sources)"),
 }

@@ -291,16 +291,18 @@ def test_bench_rows_carry_the_store_metrics(package, tmp_path):
         assert row["mem_budget_bytes"] == 600 * 10**6 and row["avg_ts"] > 0
     sparse = next(row for row in rows if row["ffn"] == "sparse")
     assert 0.3 < sparse["sparsity"] < 0.7 and sparse["neuron_hit_rate"] is not None
-    if available():
-        r = run_cli("bench", "-m", package, "-p", "0", "-n", "2", "-r", "1", "-t", "1", "--ffn", "sparse",
-                    "--mem-budget", "60MB", "--cap")
+    if available():  # the same under a real cap: the worker joined the cgroup, its peak is the cgroup's
+        r = run_cli(*args[:-2], "--cap", "-o", "json")
         assert r.returncode == 0, r.stderr
-        assert "benchmark worker failed" in r.stdout or "killed by the memory cap" in r.stdout
+        rows = json.loads(r.stdout)
+        assert all(row["capped"] and 0 < row["cap_peak_bytes"] <= 600 * 10**6 for row in rows), rows
+    r = run_cli(*args[:-4], "--mem-budget", "1MB")  # below the fixed cost: a row says why
+    assert r.returncode == 0 and "benchmark worker failed" in r.stdout and "fixed cost" in r.stdout
 
 
 @pytest.mark.parametrize("cmd", [
     ["run", "-p", "ab", "-n", "4", "--temp", "0"],
-    ["perplexity", "-f", "{text}", "-c", "64", "--chunks", "1", "--measure-recall"],
+    ["perplexity", "-f", "{text}", "-c", "64", "--chunks", "1", "--measure-recall", "--selector", "predictor"],
     ["simulate", "--device", "pixel-8-pro", "-n", "3", "-r", "1"],
     ["profile", "-n", "3"],
 ])
@@ -314,3 +316,9 @@ def test_commands_take_a_package(package, tmp_path, cmd):
         assert "ffn = sparse: sparsity" in r.stderr and "placement: ffn sparse" in r.stderr
     if cmd[0] == "perplexity":
         assert "Final estimate: PPL" in r.stdout and "recall 0." in r.stdout
+
+
+def test_bench_refuses_a_source_the_package_was_not_made_from(package, tiny_models):
+    r = run_cli("bench", "-m", package, "--source", tiny_models["qwen2"], "--baseline", "llama.cpp", "-n", "1",
+                "-p", "0", "-r", "1")
+    one_line_error(r, "not the file", "was converted from", "source_sha256")
