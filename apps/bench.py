@@ -220,7 +220,7 @@ def record(r, bw, meta) -> dict:
         "model_size": r.info["model_size"], "model_n_params": r.info["model_n_params"],
         "n_threads": r.threads, "n_prompt": r.test.n_prompt, "n_gen": r.test.n_gen,
         "n_depth": r.test.n_depth, "test_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "avg_ns": int(statistics.mean(r.samples_ns)),
+        "avg_ns": int(statistics.mean(r.samples_ns)) if r.samples_ns else None,
         "stddev_ns": int(statistics.stdev(r.samples_ns)) if len(r.samples_ns) > 1 else 0,
         "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "samples_ns": r.samples_ns, "samples_ts": r.samples_ts,
         "peak_rss_bytes": r.peak_rss_bytes, "achieved_bytes_per_s": gbs, "memory_bandwidth_bytes_per_s": bw[r.threads],

@@ -116,12 +116,10 @@ class NeuronStore:
             g = self.pred.reshape(1, -1)
             matmul(self.gate, x.reshape(1, -1), g, self.s.act_e)   # exact gate, source order
             n = select_above(self.act, self.pred, self.gthresh, self.idx)
-            src = self.idx[:n]
-            self.gsel[:n] = self.pred[src]
-            hot = self.inv_perm[src]
-            order = np.argsort(hot)
-            self.idx[:n] = hot[order]
-            self.gsel[:n] = self.gsel[:n][order]
+            pick = np.zeros(self.n_ff, np.bool_)           # [n_ff] hot order
+            pick[self.inv_perm[self.idx[:n]]] = True
+            self.idx[:n] = np.flatnonzero(pick)             # sorted hot positions, O(n_ff)
+            self.gsel[:n] = self.pred[self.perm[self.idx[:n]]]
             return n
         predict_gate(x, self.a_q, self.a_s, self.b_q, self.b_s, self.h, self.pred)
         n = select_above(self.act, self.pred, self.pthresh, self.idx)
@@ -160,7 +158,7 @@ class NeuronStore:
         self.last_computed = []  # hot positions computed this token (filled by _compute)
         idx = self.idx[:n]
         cl = idx // self.C
-        need = np.unique(cl)
+        need = np.flatnonzero(np.bincount(cl, minlength=self.n_clusters))  # idx is sorted: clusters in order
         self.tick += 1
         slot = self.slot_of[need]
         miss = need[slot < 0]

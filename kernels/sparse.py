@@ -42,6 +42,35 @@ def _row_dot(qtype, base, lay, f, r, px, pxd, pxs, nblk, tmp):
     return tmp[0]
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _axpy_q8_0(p, q, d, a, w):
+    """p[E] += a * (the Q8_0 column q [E] int8, d [E / 32] scales). The block scales are first
+    spread over w [E] so the accumulation is one flat loop over E that LLVM vectorises (p and w
+    are the caller's local arrays, so it knows they alias nothing; nested 32-element loops, or
+    arrays passed in, stayed scalar: measured 0.27-0.31 ns per element single-threaded, this 0.10;
+    one scale per column would be 0.03)."""
+    for b in range(d.shape[0]):
+        w[32 * b:32 * b + 32] = a * d[b]
+    for e in range(p.shape[0]):
+        p[e] += w[e] * np.float32(q[e])
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _axpy_q5_0(p, qs, qh, d, a, w):
+    """p[E] += a * (the Q5_0 column: nibbles qs [E / 2], high bits qh [E / 8], scales d [E / 32]);
+    value = (nibble | high bit << 4) - 16, each spread into w [E] scaled, then one flat loop."""
+    for b in range(d.shape[0]):
+        sb = a * d[b]
+        hb = (np.uint32(qh[4 * b]) | (np.uint32(qh[4 * b + 1]) << 8) | (np.uint32(qh[4 * b + 2]) << 16)
+              | (np.uint32(qh[4 * b + 3]) << 24))
+        for j in range(16):
+            v = qs[16 * b + j]
+            w[32 * b + j] = sb * np.float32((np.int32(v & 15) | np.int32(((hb >> j) & 1) << 4)) - 16)
+            w[32 * b + 16 + j] = sb * np.float32((np.int32(v >> 4) | np.int32(((hb >> (j + 16)) & 1) << 4)) - 16)
+    for e in range(p.shape[0]):
+        p[e] += w[e]
+
+
 @nb.njit(cache=True, parallel=True, nogil=True)
 def sparse_ffn(gtype, utype, dtype, act, slots, slots_i8, slots_f32, C, lay, xg8, xgd, xgs, nblk_g,
                xu8, xud, xus, nblk_u, sel, n_sel, gate_in, gthresh, athresh, acts, part, out, nthreads):
@@ -62,8 +91,8 @@ def sparse_ffn(gtype, utype, dtype, act, slots, slots_i8, slots_f32, C, lay, xg8
     chunk = (n_sel + nthreads - 1) // nthreads
     for c in nb.prange(nthreads):
         tmp = np.empty(1, np.float32)
-        p = part[c]
-        p[:] = 0.0
+        w = np.empty(E, np.float32)      # [E] one neuron's scaled column (local: no aliasing)
+        p = np.zeros(E, np.float32)      # [E] this thread's partial sum (local, copied out at the end)
         for k in range(c * chunk, min(n_sel, (c + 1) * chunk)):
             s = sel[k] // C
             r = sel[k] - s * C
@@ -85,22 +114,12 @@ def sparse_ffn(gtype, utype, dtype, act, slots, slots_i8, slots_f32, C, lay, xg8
             q0 = lay[20] + r * lay[21]           # byte offset of the down column's quants
             h0 = lay[22] + r * lay[23]           # ... of its high bits (Q5_0)
             d0 = (lay[26] + r * lay[27]) // 4    # float32 index of its scales
+            dd = slots_f32[s, d0:d0 + E // 32]
             if dtype == 8:
-                for b in range(E // 32):
-                    sb = a * slots_f32[s, d0 + b]
-                    for j in range(32):
-                        p[32 * b + j] += sb * np.float32(slots_i8[s, q0 + 32 * b + j])
-            else:  # Q5_0: value = (nibble | high bit << 4) - 16
-                for b in range(E // 32):
-                    sb = a * slots_f32[s, d0 + b]
-                    hb = (np.uint32(slots[s, h0 + 4 * b]) | (np.uint32(slots[s, h0 + 4 * b + 1]) << 8)
-                          | (np.uint32(slots[s, h0 + 4 * b + 2]) << 16) | (np.uint32(slots[s, h0 + 4 * b + 3]) << 24))
-                    for j in range(16):
-                        v = slots[s, q0 + 16 * b + j]
-                        lo = np.int32(v & 15) | np.int32(((hb >> j) & 1) << 4)
-                        hi = np.int32(v >> 4) | np.int32(((hb >> (j + 16)) & 1) << 4)
-                        p[32 * b + j] += sb * np.float32(lo - 16)
-                        p[32 * b + 16 + j] += sb * np.float32(hi - 16)
+                _axpy_q8_0(p, slots_i8[s, q0:q0 + E], dd, a, w)
+            else:
+                _axpy_q5_0(p, slots[s, q0:q0 + E // 2], slots[s, h0:h0 + E // 8], dd, a, w)
+        part[c, :] = p
     for e in range(E):
         t = np.float32(0.0)
         for c in range(nthreads):

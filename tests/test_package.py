@@ -296,8 +296,9 @@ def test_bench_rows_carry_the_store_metrics(package, tmp_path):
         assert r.returncode == 0, r.stderr
         rows = json.loads(r.stdout)
         assert all(row["capped"] and 0 < row["cap_peak_bytes"] <= 600 * 10**6 for row in rows), rows
-    r = run_cli(*args[:-4], "--mem-budget", "1MB")  # below the fixed cost: a row says why
-    assert r.returncode == 0 and "benchmark worker failed" in r.stdout and "fixed cost" in r.stdout
+    for fmt in ("md", "json"):  # below the fixed cost: a row says why
+        r = run_cli(*args[:-4], "--mem-budget", "1MB", "-o", fmt)
+        assert r.returncode == 0 and "benchmark worker failed" in r.stdout and "fixed cost" in r.stdout, r.stderr
 
 
 @pytest.mark.parametrize("cmd", [
