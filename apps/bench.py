@@ -132,7 +132,7 @@ def main(argv) -> int:
         vs = []
         for f in ffns:
             for sp in (sps if f == "sparse" else [None]):
-                for sel in (sels if f == "sparse" else ["predictor"]):
+                for sel in (sels if f == "sparse" else [None]):
                     vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel))))
         if args.baseline:
             vs.append(Variant(args.baseline, sources[path]))

@@ -75,24 +75,29 @@ def main(argv) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for sel in sorted({r["selector"] for r in rows} - {"dense"}):
-            pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["selector"] == sel)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{sel} selector")
-        ax.axhline(base, color="gray", ls="--", label="dense")
-        ax.axhline(base * 1.03, color="gray", ls=":", label="dense + 3%")
-        ax.set_xlabel("measured FFN sparsity (decode)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"{dense_name(args.model)}: sparsity vs perplexity")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
+        plot(rows, base, f"{dense_name(args.model)}: sparsity vs perplexity", args.png)
     return 0
 
 
 def dense_name(path):
     import os
     return os.path.basename(path).replace(".edgert.gguf", "")
+
+
+def plot(rows, base, title, path):
+    """Perplexity against measured sparsity, a line per selector (rows as main() makes them)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sel in sorted({r["selector"] for r in rows} - {"dense"}):
+        pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["selector"] == sel)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{sel} selector")
+    ax.axhline(base, color="gray", ls="--", label="dense")
+    ax.axhline(base * 1.03, color="gray", ls=":", label="dense + 3%")
+    ax.set_xlabel("measured FFN sparsity (decode)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -82,7 +82,7 @@ class EdgertRunner:
         budget = MemoryBudget(opts["mem_budget"], "bench") if opts.get("mem_budget") else None
         # the tokenizer is built as `edgert run` builds it: its memory is part of the fixed cost
         self.m = Model(path, n_ctx=n_ctx, n_batch=512, budget=budget, ffn=opts.get("ffn", "auto"),
-                       sparsity=opts.get("sparsity"), selector=opts.get("selector", "predictor"),
+                       sparsity=opts.get("sparsity"), selector=opts.get("selector") or "auto",
                        before_weights=lambda g: setattr(self, "tok", Tokenizer(g.metadata, path)))
         self.n_vocab = self.m.cfg.n_vocab
 

@@ -56,6 +56,20 @@ class Placement:
         return out
 
 
+def _loaded_staging(p: Placement, stg: dict, tied: bool, gate_resident: bool) -> int:
+    """Loading's transient bytes for the matrices this plan loads (those left on flash load nothing)."""
+    keys = ["other"]
+    if p.embd == "resident" or tied:
+        keys.append("embd")
+    if p.output == "resident" and not tied:
+        keys.append("output")
+    if p.ffn == "dense" or p.dense_layers:
+        keys += ["ffn", "gate"]
+    elif p.ffn == "sparse" and (p.selector == "gate" or gate_resident):
+        keys.append("gate")
+    return max([stg.get(k, 0) for k in keys] + [0])
+
+
 def _lm_head_to_flash(p: Placement, g, by):
     from edgert.streamed import FlashMatrix
     p.output = "flash"
@@ -98,6 +112,7 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
     from edgert.streamed import staging_bytes
     from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
     by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0}
+    stg = {}  # the largest loading transient of each kind of matrix: only what is loaded counts
     staging = 0
     for n, t in g.tensors.items():
         role = _role(n)
@@ -116,7 +131,9 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
             by["gate"] += b
         if n == "output.weight":
             by["output"] = b
-        staging = max(staging, repack_staging_bytes(t.qtype, t.cols))
+        key = "output" if n == "output.weight" else ("gate" if n.endswith("ffn_gate.weight") else role)
+        stg[key] = max(stg.get(key, 0), repack_staging_bytes(t.qtype, t.cols))
+        staging = max(staging, stg[key])
     tied = "output.weight" not in g.tensors
     dense = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
              "scratch": scratch_bytes(c, n_batch), "load staging": staging, "embedding": by["embd"], "ffn": by["ffn"]}
@@ -155,6 +172,7 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
             tg, tu = layers[0][0], layers[0][1]
             L = cluster_layout(tg.qtype, tu.qtype, c.n_embd, pkg.C, pkg.down_type)
             n_cl = -(-c.n_ff // pkg.C)
+            p.plan["load staging"] = _loaded_staging(p, stg, tied, gate_resident)
             room = avail - _peak(p.plan)
             per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < n_cl and "ffn staging" in p.plan:
@@ -165,6 +183,7 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
                 per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < MIN_SLOTS and not tied:  # the LM head to flash, read every token
                 _lm_head_to_flash(p, g, by)
+                p.plan["load staging"] = _loaded_staging(p, stg, tied, gate_resident)
                 room = avail - _peak(p.plan)
                 per_layer = min(n_cl, room // (c.n_layer * L.nbytes))
             if per_layer < MIN_SLOTS:
@@ -175,10 +194,14 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
             p.cache_bytes = per_layer * c.n_layer * L.nbytes
             p.plan["neuron cache"] = p.cache_bytes
         else:
+            p.plan["load staging"] = _loaded_staging(p, stg, tied, gate_resident)
             if _peak(p.plan) > avail and not tied:  # the LM head to flash too when it does not fit
                 _lm_head_to_flash(p, g, by)
+                p.plan["load staging"] = _loaded_staging(p, stg, tied, gate_resident)
             # auto: as many layers' FFN resident as fit; the others streamed
             per_layer = by["ffn"] // c.n_layer
+            if auto:  # resident layers load their FFN: count that loading's transient
+                p.plan["load staging"] = max(p.plan["load staging"], stg.get("ffn", 0), stg.get("gate", 0))
             p.dense_layers = int(min(c.n_layer, max(0, avail - _peak(p.plan)) // max(per_layer, 1))) if auto else 0
             if p.dense_layers == c.n_layer:  # all of it after all (the embedding on flash, smaller batches)
                 p.ffn = "dense"
@@ -186,6 +209,7 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
                 p.plan["ffn"] = by["ffn"]
             elif p.dense_layers:
                 p.plan["ffn (resident layers)"] = p.dense_layers * per_layer
+    p.plan["load staging"] = _loaded_staging(p, stg, tied, gate_resident)
     need = _peak(p.plan)
     if need > avail:
         parts = ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)
