@@ -232,9 +232,9 @@ def write_package(out_path: str, src, arch: str, recipe: dict, levels, extra: di
         raise
 
 
-def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, sparsity: float = 0.5,
+def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, sparsity: float = 0.3,
             levels=LEVELS, rank: int = 64, cluster: int = 0, recall: float = 0.9, down_type: str = "Q8_0", calib_tokens: int = 2048, window: int = 512,
-            progress=None, tokenizer=None):
+            progress=None, tokenizer=None, device: str | None = None):
     """Convert src_path (GGUF) into the package out_path. progress(stage, n, total) reports work."""
     from edgert.gguf_file import GGUFFile
     from edgert.model import Model
@@ -312,7 +312,7 @@ def convert(src_path: str, out_path: str, calib_text: str, calib_name: str, spar
               "calib_sha256": hashlib.sha256(calib_text.encode()).hexdigest(), "calib_tokens": len(ids),
               "sparsity": float(sparsity), "cluster_neurons": C, "predictor_rank": rank,
               "predictor_target_recall": float(recall),
-              "down_type": down_type, "selector_default": "predictor"}
+              "down_type": down_type, "device": device or ""}
     total = sum(t.nbytes for t in src.tensors.values()) + sum(v.nbytes for v in extra.values())
     written = [0]
 

@@ -20,7 +20,7 @@ from edgert.errors import EdgertError
 FFN_NAMES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 PACKAGE_SUFFIXES = ("ffn_clusters", "ffn_perm", "ffn_freq", "ffn_thresh", "gate_thresh", "pred_a", "pred_a_scale",
                     "pred_b", "pred_b_scale", "pred_thresh")
-MIN_SLOTS = 4       # neuron-cache slots per layer below which a sparse plan is refused
+MIN_SLOTS = 2       # neuron-cache slots per layer below which a sparse plan is refused (one read while one computes)
 SMALL_BATCH = 64    # prompt batch when the FFN is not resident
 SLACK = 24 << 20    # allocator and interpreter growth after planning (measured: 5-15 MiB)
 
