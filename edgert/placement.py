@@ -213,8 +213,8 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
     need = _peak(p.plan)
     if need > avail:
         parts = ", ".join(f"{k} {mib(v)}" for k, v in p.plan.items() if v)
-        hint = "; an edgert package runs it sparse from flash (edgert convert)" if pkg is None else ""
+        hints = ["lower -c / --ctx-size"] + (["use --ffn stream"] if p.ffn == "dense" else []) + \
+            (["an edgert package runs it sparse from flash (edgert convert)"] if pkg is None else [])
         raise EdgertError(f"{g.path}: needs {mib(need)} resident ({parts}) on top of the process's fixed cost "
-                          f"{mib(fixed)} but the memory budget is {mib(limit)} ({source}); lower -c / --ctx-size, "
-                          f"use --ffn stream{hint}")
+                          f"{mib(fixed)} but the memory budget is {mib(limit)} ({source}); " + "; ".join(hints))
     return p
