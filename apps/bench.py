@@ -61,12 +61,11 @@ def source_of(path: str, explicit: str | None) -> str:
     try:
         if not is_package(g):
             return path
-        name = g.get("edgert.recipe.source_name")
+        name, want = g.get("edgert.recipe.source_name"), g.get("edgert.recipe.source_sha256")
     finally:
         g.close()
     if explicit:
         from edgert.converters.package import file_sha256
-        want = GGUFFile(path).get("edgert.recipe.source_sha256")
         if file_sha256(explicit) != want:
             raise EdgertError(f"{explicit}: not the file {path} was converted from (its sha256 differs from "
                               f"the package recipe's source_sha256)")

@@ -4,11 +4,10 @@ Every store is a callable `store(xn, out)`: xn [T, n_embd] normed input, out [T,
 output. The forward pass does not know which kind it calls:
 
 - DenseFFN: the layer's three matrices resident (a plain GGUF, or a package with room to spare);
-- StreamFFN: the three matrices read from flash on every call into one staging area shared by
-  all layers (what a model bigger than memory costs without sparsity; also prefill's path when a
-  package's FFN is not resident);
-- NeuronStore (edgert/neuron_store.py): decode reads and computes only the predicted-active
-  neurons, prefill delegates to a StreamFFN.
+- StreamFFN: the three matrices read from flash on every call (a Streamer, edgert/streamed.py:
+  the next layer's read in flight); what a model bigger than memory costs without sparsity, and
+  prefill's path for a sparse FFN when the plan has room for its staging;
+- NeuronStore (edgert/neuron_store.py): decode reads and computes only the candidate neurons.
 """
 from __future__ import annotations
 
@@ -40,14 +39,9 @@ def dense_ffn(w_gate: QMatrix, w_up: QMatrix, w_down: QMatrix, xn, out, s: FFNSc
 
 class DenseFFN:
     """The layer's gate, up and down matrices held in RAM."""
-    kind = "dense"
 
     def __init__(self, w_gate: QMatrix, w_up: QMatrix, w_down: QMatrix, scratch: FFNScratch):
         self.w_gate, self.w_up, self.w_down, self.s = w_gate, w_up, w_down, scratch
-
-    @property
-    def nbytes(self) -> int:
-        return self.w_gate.nbytes + self.w_up.nbytes + self.w_down.nbytes
 
     def __call__(self, xn, out):
         dense_ffn(self.w_gate, self.w_up, self.w_down, xn, out, self.s)
@@ -56,7 +50,6 @@ class DenseFFN:
 class StreamFFN:
     """The layer's three matrices read from flash (a Streamer) on every call, repacked (lossless)
     and multiplied: dense results, no resident FFN weights."""
-    kind = "stream"
 
     def __init__(self, il: int, streamer: "Streamer", scratch: FFNScratch):
         self.il, self.streamer, self.s = il, streamer, scratch

@@ -36,8 +36,6 @@ class _ActSpec:
 
 
 class NeuronStore:
-    kind = "sparse"
-
     def __init__(self, g, il: int, cfg, layout, n_slots: int, n_pinned: int, reader, level: int,
                  selector: str, scratch, stream, stats, gate: QMatrix | None = None, nthreads: int = 1,
                  measure_recall: bool = False, cached_candidates: bool = True):
@@ -94,10 +92,6 @@ class NeuronStore:
         self.xq_spec = _ActSpec(self.gtype)
         self.xu_spec = None if same else _ActSpec(self.utype)
         self.section = (layout.gate_bytes, layout.updown_bytes) if selector == "gate" else (0, layout.nbytes)
-
-    @property
-    def nbytes(self) -> int:
-        return self.slots.nbytes + self.a_q.nbytes + self.b_q.nbytes
 
     # ---------------------------------------------------------------------------------------
 
@@ -239,7 +233,7 @@ class NeuronStore:
             return
         self.sel[:k] = slot_of_sel[m] * self.C + (idx[m] - (idx[m] // self.C) * self.C)
         if self.selector == "gate":  # exact gates, already above the candidate threshold
-            gate_in, gthresh = self.gsel[m].copy(), np.float32(-1.0)
+            gate_in, gthresh = self.gsel[m], np.float32(-1.0)
         else:                        # predicted: the exact gate is the first test, in the kernel
             gate_in, gthresh = self.no_gate, np.float32(self.gthresh)
         sparse_ffn(self.gtype, self.utype, self.L.down_type, self.act, self.slots, self.slots_i8, self.slots_f32, self.C,

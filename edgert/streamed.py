@@ -28,10 +28,6 @@ class Streamer:
         self.bufs = [aligned_empty(n), aligned_empty(n)]              # 2 x [largest layer's FFN bytes]
         self.pending = None                                           # (layer, buffer, futures)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.bufs)
-
     def _issue(self, il: int, bi: int):
         futs, o = [], 0
         for t in self.layers[il]:
@@ -61,19 +57,11 @@ class Streamer:
             o += -(-t.nbytes // 4096) * 4096
         return out
 
-    def drain(self):
-        if self.pending is not None:
-            for f in self.pending[2]:
-                f.result()
-            self.pending = None
-
-
-
 
 def staging_bytes(tensor_sets) -> int:
-    """Bytes of a StreamStaging for these (gate, up, down) TensorInfo triples."""
+    """Bytes of one Streamer buffer for these (gate, up, down) TensorInfo triples: the largest
+    layer's, each tensor 4 KiB aligned."""
     return max(sum(-(-t.nbytes // 4096) * 4096 for t in ts) for ts in tensor_sets)
-
 
 
 class FlashRows:

@@ -22,9 +22,6 @@ import numpy as np
 from edgert.kernels.activation import act_scalar
 from edgert.kernels.simd import _dot, kdot_q4_K, kdot_q6_K
 
-N_FIELDS = 15
-
-
 @nb.njit(cache=True, nogil=True, inline="always")
 def _row_dot(qtype, base, lay, f, r, px, pxd, pxs, nblk, tmp):
     """Dot product of row r of the field group starting at field f (gate: 0, up: 5) with the
