@@ -20,7 +20,7 @@ from edgert.errors import EdgertError
 from edgert.ffn import DenseFFN, FFNScratch, StoreStats, StreamFFN
 from edgert.streamed import FlashMatrix, FlashRows, Streamer
 from edgert.flash import FlashReader
-from edgert.package import cluster_layout, is_package, open_package, verify_tensors
+from edgert.package import cluster_layout, is_package, open_package, verify_once
 from edgert.placement import FFN_NAMES, _role, plan_placement
 from edgert.settings import env
 from edgert.gguf_file import GGUFFile
@@ -160,7 +160,7 @@ class Model:
         before_weights(gguf_file) runs before the plan (the app builds its tokenizer there, so
         its memory is part of the measured fixed cost). ffn: auto | dense | stream | sparse
         (edgert/placement.py); sparsity / selector / hot_fraction: the NeuronStore's (packages);
-        verify: check every tensor's sha256 of a package before use; measure_recall: hold the
+        verify: check every tensor's sha256 of a package before its first use; measure_recall: hold the
         gate matrices too and count how many of the exactly active neurons the selector finds;
         cache_slots: neuron-cache clusters per layer (default: what the budget leaves);
         cached_candidates: with the predictor, every neuron of a cached cluster is a candidate."""
@@ -197,7 +197,7 @@ class Model:
         if pl.ffn != "dense" or pl.embd == "flash" or pl.output == "flash":
             self.reader = FlashReader(self.path, direct=True, io_threads=8, throttle=throttle, tracer=tracer)
         if self.pkg is not None and verify:
-            verify_tensors(g, reader=g.reader)
+            verify_once(g, reader=g.reader)
         self.stats = StoreStats()
         t_read = time.perf_counter()
         try:

@@ -28,6 +28,7 @@ Each field is a [C, width] array starting on a 64-byte boundary.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,6 +160,43 @@ def open_package(g) -> PackageInfo:
     if dt not in DOWN_TYPES:
         raise EdgertError(f"{p}: package recipe has down_type {dt!r} (this edgert reads {', '.join(DOWN_TYPES)})")
     return PackageInfo(p, recipe, [float(x) for x in levels], C, rank, DOWN_TYPES[dt])
+
+
+def _stamp(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _verified_file() -> str:
+    from edgert.settings import env
+    return os.path.join(os.path.expanduser(env("EDGERT_CACHE")), "verified-packages.json")
+
+
+def verify_once(g, reader=None):
+    """verify_tensors the first time this file (path, size, mtime, inode) is opened, then remember
+    it in EDGERT_CACHE/verified-packages.json: a package is checked once, not read whole at every
+    start (1.8 GiB for Qwen2.5-Coder-1.5B). A rewritten or copied file has a new stamp and is
+    checked again."""
+    import json
+    rec = _verified_file()
+    try:
+        with open(rec) as f:
+            done = set(json.load(f))
+    except (OSError, ValueError):
+        done = set()
+    stamp = _stamp(g.path)
+    if stamp in done:
+        return
+    verify_tensors(g, reader=reader)
+    done.add(stamp)
+    try:  # temp file + rename: a killed run leaves the old record, never half of one
+        os.makedirs(os.path.dirname(rec), exist_ok=True)
+        tmp = f"{rec}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(sorted(done)[-256:], f)
+        os.replace(tmp, rec)
+    except OSError:  # a read-only cache: verify again next time
+        pass
 
 
 def verify_tensors(g, names=None, reader=None):

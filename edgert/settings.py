@@ -5,7 +5,7 @@ import os
 
 KNOBS = {
     "EDGERT_MODELS": ("~/.cache/edgert/models", "directory of pulled models"),
-    "EDGERT_CACHE": ("~/.cache/edgert", "cache directory (tokenizers, probes)"),
+    "EDGERT_CACHE": ("~/.cache/edgert", "cache directory (probes, verified packages)"),
     "EDGERT_MODEL": ("", "default for -m/--model"),
     "EDGERT_THREADS": ("", "default for -t/--threads (else the number of physical cores)"),
     "EDGERT_N_CTX": ("", "default for -c/--ctx-size"),

@@ -323,3 +323,16 @@ def test_bench_refuses_a_source_the_package_was_not_made_from(package, tiny_mode
     r = run_cli("bench", "-m", package, "--source", tiny_models["qwen2"], "--baseline", "llama.cpp", "-n", "1",
                 "-p", "0", "-r", "1")
     one_line_error(r, "not the file", "was converted from", "source_sha256")
+
+
+def test_a_package_is_verified_once_per_file(package, tmp_path, monkeypatch):
+    """The sha256 check reads the whole package the first time a file is opened, not at every
+    start; a copy (a new file) is checked again, so a corrupted copy is still refused."""
+    monkeypatch.setenv("EDGERT_CACHE", str(tmp_path / "cache"))
+    first = Model(package, n_ctx=16).load_io["bytes"]
+    again = Model(package, n_ctx=16).load_io["bytes"]
+    assert again < first and first - again >= os.path.getsize(package) // 2
+    bad = str(tmp_path / "copy.edgert.gguf")
+    _corrupt(package, bad, "blk.0.pred_b")
+    with pytest.raises(EdgertError, match="tensor 'blk.0.pred_b' is corrupted"):
+        Model(bad, n_ctx=16)
