@@ -37,10 +37,50 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
                         "[env EDGERT_SELECTOR]")
     p.add_argument("--hot-fraction", type=float, default=0.5,
                    help="share of the neuron cache pinned to the hottest clusters (the rest is LRU)")
+    add_kv_args(p)
     if ctx:
         p.add_argument("-c", "--ctx-size", type=int, default=int(env("EDGERT_N_CTX") or 0),
                        help="context size in tokens (0 = min(4096, the model's)) [env EDGERT_N_CTX]")
         p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch size")
+
+
+def add_kv_args(p: argparse.ArgumentParser):
+    from edgert.kv_cache import TYPE_NAMES
+    names = ", ".join(TYPE_NAMES)
+    p.add_argument("-ctk", "--cache-type-k", default=env("EDGERT_CACHE_TYPE_K") or "f16", metavar="TYPE",
+                   help=f"KV cache type for K: {names} (auto: token-adaptive, with --kv-bits) "
+                        "[env EDGERT_CACHE_TYPE_K; default f16]")
+    p.add_argument("-ctv", "--cache-type-v", default=env("EDGERT_CACHE_TYPE_V") or "f16", metavar="TYPE",
+                   help="KV cache type for V, as -ctk [env EDGERT_CACHE_TYPE_V; default f16]")
+    p.add_argument("--kv-bits", type=float, default=None, metavar="AVG",
+                   help="auto: average bits per cached value, scales included (e.g. 3.5)")
+    p.add_argument("--kv-tiers", default=None, metavar="T0,T1,T2",
+                   help="auto: its three types, top to bottom (default: q8_0 and the two types around the budget)")
+    p.add_argument("--kv-window", type=int, default=64, help="auto: recent positions kept in the top tier")
+    p.add_argument("--kv-sinks", type=int, default=4, help="auto: first positions kept in the top tier")
+    p.add_argument("--kv-rotate", choices=("on", "off"), default="on",
+                   help="Hadamard-rotate quantised K and V rows per head (default on)")
+
+
+def kv_format(args):
+    """The KVFormat of parsed args (errors name the flag)."""
+    from edgert.errors import EdgertError
+    from edgert.kv_cache import KVFormat, TYPE_NAMES
+    ck, cv = getattr(args, "cache_type_k", "f16"), getattr(args, "cache_type_v", "f16")
+    for flag, v in (("-ctk", ck), ("-ctv", cv)):
+        if v not in TYPE_NAMES:
+            raise EdgertError(f"{flag} {v}: unknown KV cache type (one of {', '.join(TYPE_NAMES)})")
+    bits = getattr(args, "kv_bits", None)
+    if bits is not None and "auto" not in (ck, cv):
+        raise EdgertError("--kv-bits applies to -ctk / -ctv auto")
+    if bits is not None and not 1.0 < bits <= 16.0:
+        raise EdgertError(f"--kv-bits {bits:g}: must be in (1, 16]")
+    tiers = getattr(args, "kv_tiers", None)
+    window, sinks = getattr(args, "kv_window", 64), getattr(args, "kv_sinks", 4)
+    if window < 1 or sinks < 0:
+        raise EdgertError("--kv-window must be >= 1 and --kv-sinks >= 0")
+    return KVFormat(ck, cv, bits, tuple(tiers.split(",")) if tiers else None, sinks, window,
+                    getattr(args, "kv_rotate", "on") == "on")
 
 
 def setup_threads(n: int | None) -> int:
@@ -88,7 +128,7 @@ def load(args):
                   expand_q5=getattr(args, "expand_q5", False), before_weights=make_tokenizer,
                   ffn=getattr(args, "ffn", "auto"), sparsity=getattr(args, "sparsity", None),
                   selector=getattr(args, "selector", "auto"), hot_fraction=getattr(args, "hot_fraction", 0.5),
-                  measure_recall=getattr(args, "measure_recall", False))
+                  measure_recall=getattr(args, "measure_recall", False), kv=kv_format(args))
     return model, made[0]
 
 

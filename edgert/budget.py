@@ -119,8 +119,10 @@ def budget_from_args(mem_budget: str | None, device: str | None) -> MemoryBudget
     return MemoryBudget(psutil.virtual_memory().available, "available memory")
 
 
-def kv_bytes(c, n_ctx: int) -> int:
-    return 2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * 2  # K and V, fp16
+def kv_bytes(c, n_ctx: int, fmt=None) -> int:
+    """The KV cache's bytes for n_ctx positions in format fmt (edgert.kv_cache.KVFormat; f16 default)."""
+    from edgert.kv_cache import KVFormat, layout
+    return layout(c.n_head_kv, c.head_dim, n_ctx, fmt or KVFormat()).nbytes(c.n_layer, c.n_head_kv, c.head_dim, n_ctx)
 
 
 def scratch_bytes(c, B: int) -> int:

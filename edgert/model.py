@@ -18,6 +18,7 @@ from edgert.budget import MemoryBudget, kv_bytes, measured, rss, scratch_bytes
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
 from edgert.ffn import DenseFFN, FFNScratch, StoreStats, StreamFFN
+from edgert.kv_cache import KVCache, KVFormat
 from edgert.streamed import FlashMatrix, FlashRows, Streamer
 from edgert.flash import FlashReader
 from edgert.package import cluster_layout, is_package, open_package, verify_once
@@ -25,7 +26,6 @@ from edgert.placement import FFN_NAMES, _role, plan_placement
 from edgert.settings import env
 from edgert.gguf_file import GGUFFile
 from edgert.kernels.activation import geglu, swiglu
-from edgert.kernels.attention import attention, store_kv
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls
 from edgert.kernels.norm import rmsnorm
 from edgert.kernels.quant import QMatrix, dequantize_row
@@ -84,7 +84,7 @@ def make_ops(c: ModelConfig) -> SimpleNamespace:
     only through this table, so a tracer can swap in timed wrappers (and nothing when off)."""
     return SimpleNamespace(
         embed=embed_rows, attn_norm=rmsnorm, qkv=matmuls, qk_norm=rmsnorm, rope=rope,
-        store_kv=store_kv, attention=attention, attn_out=matmul, post_attn_norm=rmsnorm,
+        store_kv=KVCache.store, attention=KVCache.attend, attn_out=matmul, post_attn_norm=rmsnorm,
         ffn_norm=rmsnorm, gate_up=matmuls, act=geglu if c.ffn_act == "gelu" else swiglu,
         ffn_down=matmul, post_ffn_norm=rmsnorm, out_norm=rmsnorm, output=matmul)
 
@@ -152,7 +152,8 @@ class Model:
                  direct_io: bool = False, throttle=None, tracer=None, expand_q5: bool | None = None,
                  before_weights=None, ffn: str = "auto", sparsity: float | None = None,
                  selector: str = "auto", hot_fraction: float = 0.5, verify: bool = True,
-                 measure_recall: bool = False, cache_slots: int | None = None, cached_candidates: bool = True):
+                 measure_recall: bool = False, cache_slots: int | None = None, cached_candidates: bool = True,
+                 kv: KVFormat | None = None):
         """Load `path` (a GGUF file or an edgert package). Matrices are read through a FlashReader
         (O_DIRECT with direct_io, else buffered; `throttle` a FlashCurve imposing a device's
         flash); `tracer` records the load's reads and, attached, every op; expand_q5 holds Q5_0
@@ -163,7 +164,8 @@ class Model:
         verify: check every tensor's sha256 of a package before its first use; measure_recall: hold the
         gate matrices too and count how many of the exactly active neurons the selector finds;
         cache_slots: neuron-cache clusters per layer (default: what the budget leaves);
-        cached_candidates: with the predictor, every neuron of a cached cluster is a candidate."""
+        cached_candidates: with the predictor, every neuron of a cached cluster is a candidate;
+        kv: the KV cache's format (edgert/kv_cache.py; default f16)."""
         t0 = time.perf_counter()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
@@ -177,7 +179,8 @@ class Model:
             residency.preload_kernels(residency.unneeded_kernels(qtypes, c.ffn_act, sparse=self.pkg is not None))
             residency.release_compiler_pages()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
-        self.n_batch = max(1, min(n_batch, self.n_ctx))
+        self.kv_fmt = kv or KVFormat()
+        self.n_batch = max(1, min(n_batch, self.n_ctx, self.kv_fmt.window if self.kv_fmt.adaptive else n_batch))
         self.budget = budget
         if before_weights is not None:
             before_weights(g)
@@ -185,7 +188,7 @@ class Model:
         limit = budget.limit if budget is not None else 1 << 62
         self.placement = pl = plan_placement(g, c, self.n_ctx, self.n_batch, limit, rss(), ffn, self.pkg,
                                              selector, sparsity, budget.source if budget is not None else "",
-                                             gate_resident=measure_recall)
+                                             gate_resident=measure_recall, kv_fmt=self.kv_fmt)
         self.n_batch = pl.n_batch
         self.plan = {"metadata": meta_bytes, **pl.plan}
         if budget is not None:  # refused above before loading anything; the rest is charged as allocated
@@ -217,16 +220,14 @@ class Model:
             self._charge("lm head staging", self.output.nbytes)
         if budget is not None:
             budget.release("load staging")
-        self._charge("kv cache", kv_bytes(c, self.n_ctx))
+        self._charge("kv cache", kv_bytes(c, self.n_ctx, self.kv_fmt))
         self._charge("scratch", scratch_bytes(c, self.n_batch))
         # KV cache and scratch in small pages: NumPy asks for transparent huge pages on large
         # arrays, and a decode step touching a few positions of each layer's cache would then make
         # 2 MiB per touch resident (measured: +86 MiB for SmolLM2 at -c 4096 on the first token)
         with _small_pages():
-            # KV cache, fp16 bits: [n_layer, n_ctx, n_head_kv, head_dim]
-            kv_shape = (c.n_layer, self.n_ctx, c.n_head_kv, c.head_dim)
-            self.k_cache = np.zeros(kv_shape, np.uint16)
-            self.v_cache = np.zeros(kv_shape, np.uint16)
+            self.kv = KVCache(c.n_layer, c.n_head_kv, c.head_dim, self.n_ctx, self.kv_fmt)
+            log.info("%s", self.kv.describe())
             self.n_past = 0
             B, E, F = self.n_batch, c.n_embd, c.n_ff
             Dq, Dkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -249,9 +250,9 @@ class Model:
         self.ffn_tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
         self.ffn = build_ffn(self, g, pl, hot_fraction, measure_recall, cached_candidates)
         g.close()
-        # per layer: (K cache, V cache, attention window, rope theta scale, rope frequency
-        # scale), the last two float32 as ggml computes them
-        self.layer_args = [(self.k_cache[il], self.v_cache[il], c.swa_window if c.is_swa(il) else 0,
+        # per layer: (attention window, rope theta scale, rope frequency scale), the last two
+        # float32 as ggml computes them
+        self.layer_args = [(c.swa_window if c.is_swa(il) else 0,
                             theta_scale(c.rope_base_for(il), c.n_rot), np.float32(c.rope_scale_for(il)))
                            for il in range(c.n_layer)]
         self.kq_scale = np.float32(c.kq_scale)
@@ -286,10 +287,11 @@ class Model:
 
     @property
     def kv_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return self.kv.nbytes
 
     def reset(self):
         self.n_past = 0
+        self.kv.reset()
 
     # ---------------------------------------------------------------------------------------
     # forward
@@ -379,13 +381,13 @@ class Model:
         if c.qk_norm:
             ops.qk_norm(vw.qf, L.q_norm, c.rms_eps, vw.qf)
             ops.qk_norm(vw.kf, L.k_norm, c.rms_eps, vw.kf)
-        k_cache, v_cache, window, tscale, fscale = self.layer_args[il]
+        window, tscale, fscale = self.layer_args[il]
         ops.rope(q3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
         ops.rope(k3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
         if c.q_scale != 1.0:
             q *= np.float32(c.q_scale)
-        ops.store_kv(k3, vw.v3, k_cache, v_cache, pos0)
-        ops.attention(q3, k_cache, v_cache, pos0, window, self.kq_scale, att)
+        ops.store_kv(self.kv, il, k3, vw.v3, pos0)
+        ops.attention(self.kv, il, q3, pos0, window, self.kq_scale, att)
         ops.attn_out(L.wo, att, o, self.act_q)
         if L.post_attn_norm is not None:
             ops.post_attn_norm(o, L.post_attn_norm, c.rms_eps, o)

@@ -97,18 +97,20 @@ def _role(name: str) -> str:
 
 def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode: str = "auto",
                    pkg=None, selector: str = "auto", sparsity: float | None = None,
-                   source: str = "", gate_resident: bool = False) -> Placement:
+                   source: str = "", gate_resident: bool = False, kv_fmt=None) -> Placement:
     """The plan; selector auto: the exact gate (better quality: docs/neuron-cache.md) when the
     gate matrices fit beside a cache, else the predictor."""
     if selector == "auto":
         try:
-            return _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, "gate", sparsity, source, gate_resident)
+            return _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, "gate", sparsity, source, gate_resident,
+                         kv_fmt)
         except EdgertError:
             selector = "predictor"
-    return _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident)
+    return _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident, kv_fmt)
 
 
-def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident) -> Placement:
+def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident,
+          kv_fmt) -> Placement:
     from edgert.streamed import staging_bytes
     from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
     by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0}
@@ -135,14 +137,15 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
         stg[key] = max(stg.get(key, 0), repack_staging_bytes(t.qtype, t.cols))
         staging = max(staging, stg[key])
     tied = "output.weight" not in g.tensors
-    dense = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
+    kv = kv_bytes(c, n_ctx, kv_fmt)
+    dense = {"weights": by["other"] + by["vectors"], "kv cache": kv,
              "scratch": scratch_bytes(c, n_batch), "load staging": staging, "embedding": by["embd"], "ffn": by["ffn"]}
     auto = mode == "auto"
     if auto:
         mode = "dense" if _peak(dense) <= limit - fixed - SLACK else ("sparse" if pkg is not None else "stream")
     if mode != "dense":  # prompts in batches of at most SMALL_BATCH: less scratch (the FFN is on flash anyway)
         n_batch = min(n_batch, SMALL_BATCH)
-    base = {"weights": by["other"] + by["vectors"], "kv cache": kv_bytes(c, n_ctx),
+    base = {"weights": by["other"] + by["vectors"], "kv cache": kv,
             "scratch": scratch_bytes(c, n_batch), "load staging": staging}
     avail = limit - fixed - SLACK
     if avail <= 0:

@@ -15,6 +15,8 @@ KNOBS = {
     "EDGERT_SIMD": ("1", "0: run Q4_0/Q5_0/Q8_0 products in the portable float kernels even where the CPU has AVX2"),
     "EDGERT_RELEASE_JIT": ("1", "0: keep the JIT compiler's pages resident after the kernels are loaded (edgert/residency.py)"),
     "EDGERT_FFN": ("auto", "default for --ffn: auto, dense, stream or sparse (edgert/placement.py)"),
+    "EDGERT_CACHE_TYPE_K": ("f16", "default for -ctk/--cache-type-k (edgert/kv_cache.py)"),
+    "EDGERT_CACHE_TYPE_V": ("f16", "default for -ctv/--cache-type-v"),
     "EDGERT_SPARSITY": ("", "default for --sparsity (sparse decode of packages)"),
     "EDGERT_SELECTOR": ("auto", "default for --selector: auto (gate when it fits), gate or predictor"),
     "EDGERT_LOG": ("WARNING", "log level of the library (DEBUG, INFO, WARNING)"),

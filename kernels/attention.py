@@ -7,6 +7,7 @@ import numba as nb
 import numpy as np
 
 from edgert.kernels.fmath import expf_needs_slow_path, fma32, ggml_expf, ggml_expf_common, hsum8, reduce_4x8
+from edgert.kernels.kv_quant import dequantize_row, dequantize_row_ranged, hadamard
 from edgert.kernels.quant import f16_bits, f16_finite_to_f32, round_f16
 
 
@@ -134,3 +135,161 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
                 for l in range(8):
                     c8b[l] = a8[l, j]
                 o[j] = hsum8(c8b)
+
+
+# ============================================================================================
+# Attention over a quantised KV cache (edgert/kv_cache.py): every cached row read in its own
+# format, one row at a time, shared by the query heads of its group (no float copy of the cache)
+# ============================================================================================
+
+_FAST = {"reassoc", "contract", "arcp", "nsz"}  # reorder sums (vectorised dots); no inf/nan assumptions
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _row(codes, scales, spec, rng, page, tr, sl, kh, pos, buf):
+    """Cached row (position pos, KV head kh) in tier tr, slot sl -> buf [head_dim] float32: spec[tr, 3]
+    says channel-wise (against the per-channel ranges rng of pos's page) or per row with scales."""
+    if spec[tr, 3]:
+        dequantize_row_ranged(codes[tr][sl, kh], spec[tr, 0], rng[pos // page, kh], buf)
+    else:
+        dequantize_row(codes[tr][sl, kh], scales[tr][sl, kh], spec[tr, 0], spec[tr, 1], spec[tr, 2], buf)
+
+
+@nb.njit(cache=True, nogil=True, fastmath=_FAST)
+def _attend_item(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, kh, group, t0, t1, lo, hi, pos0,
+                 window, scale, rot_k, e_out, acc_out, m_out, l_out):
+    """One work item: the query rows (t, h) for t in [t0, t1), h in KV head kh's group, over cache
+    positions [lo, hi). Writes the unnormalised probabilities e_out [R, hi - lo], the row maxima
+    m_out [R], sums l_out [R] and V sums acc_out [R, D] (rotated space when V is rotated)."""
+    D = q.shape[2]
+    R = (t1 - t0) * group
+    n = hi - lo
+    qr = np.empty((R, D), np.float32)  # [R, head_dim] the queries, rotated as K is
+    for r in range(R):
+        t = t0 + r // group
+        h = kh * group + r % group
+        for j in range(D):
+            qr[r, j] = q[t, h, j]
+        if rot_k:
+            hadamard(qr[r])
+    buf = np.empty(D, np.float32)      # [head_dim] one cached row, dequantised
+    for r in range(R):
+        m_out[r] = np.float32(-3.0e38)
+    for i in range(n):
+        pos = lo + i
+        _row(kc, ks, kspec, krange, page, tier[pos], slot[pos], kh, pos, buf)
+        for r in range(R):
+            p = pos0 + t0 + r // group
+            if pos > p or (window > 0 and pos <= p - window):
+                e_out[r, i] = np.float32(-3.0e38)
+            else:
+                a = np.float32(0.0)
+                for j in range(D):
+                    a += qr[r, j] * buf[j]
+                a *= scale
+                e_out[r, i] = a
+                m_out[r] = max(m_out[r], a)
+    for r in range(R):
+        tot = np.float32(0.0)
+        er = e_out[r]
+        mr = m_out[r]
+        for i in range(n):
+            x = er[i] - mr
+            er[i] = ggml_expf_common(x) if x > np.float32(-87.0) else np.float32(0.0)
+            tot += er[i]
+        l_out[r] = tot
+    acc_out[:, :] = 0.0
+    for i in range(n):
+        pos = lo + i
+        _row(vc, vs, vspec, krange, page, tier[pos], slot[pos], kh, pos, buf)
+        for r in range(R):
+            w = e_out[r, i]
+            if w != 0.0:
+                ar = acc_out[r]
+                for j in range(D):
+                    ar[j] += w * buf[j]
+
+
+@nb.njit(cache=True, parallel=True, nogil=True, fastmath=_FAST)
+def attention_kv(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, pos0, window, scale, rot_k, rot_v, out,
+                 imp, nthreads):
+    """q: [T, n_head, head_dim] (roped); kc / vc: per tier the code rows [n_slots, n_kv, row_bytes]
+    uint8, ks / vs: their scales [n_slots, n_kv, n_scales] uint16; kspec / vspec: [n_tiers, 4]
+    (bits, group, asym, channel-wise); krange: [n_pages, n_kv, 2, head_dim] fp16 bits, the
+    per-channel ranges of each page of `page` positions (channel-wise tiers); tier / slot: [n_ctx] where each cached position lives; out:
+    [T, n_head * head_dim]; imp: [n_ctx] float32, += the attention probability each cached position
+    receives, summed over the query tokens and heads of this call (the importance score, accumulated here, no second pass
+    over the cache). Rows are stored Hadamard-rotated where rot_k / rot_v: q is rotated the same
+    way and the output rotated back. Same masking as attention(); float order free (fastmath)."""
+    T, H, D = q.shape
+    n_kv = kc[0].shape[1]
+    group = H // n_kv
+    if T == 1:  # decode: split the positions too, partial softmaxes merged below (flash-decoding)
+        p = pos0
+        start = 0 if window <= 0 else max(0, p - window + 1)
+        n = p + 1 - start
+        nsplit = max(1, min(n // 64, (2 * nthreads + n_kv - 1) // n_kv))
+        chunk = (n + nsplit - 1) // nsplit
+        e = np.empty((n_kv, group, n), np.float32)          # [n_kv, group, n] probabilities (unnormalised)
+        acc = np.empty((n_kv, nsplit, group, D), np.float32)  # [n_kv, split, group, head_dim]
+        ms = np.empty((n_kv, nsplit, group), np.float32)
+        ls = np.empty((n_kv, nsplit, group), np.float32)
+        for it in nb.prange(n_kv * nsplit):
+            kh, sp = it // nsplit, it % nsplit
+            a, b = sp * chunk, min(n, (sp + 1) * chunk)
+            _attend_item(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, kh, group, 0, 1, start + a,
+                         start + b, pos0, window, scale, rot_k, e[kh, :, a:b], acc[kh, sp], ms[kh, sp], ls[kh, sp])
+        for kh in range(n_kv):
+            w = np.empty(nsplit, np.float32)
+            for r in range(group):
+                M = np.float32(-3.0e38)
+                for sp in range(nsplit):
+                    M = max(M, ms[kh, sp, r])
+                L = np.float32(0.0)
+                for sp in range(nsplit):
+                    w[sp] = np.exp(ms[kh, sp, r] - M)
+                    L += w[sp] * ls[kh, sp, r]
+                o = out[0, (kh * group + r) * D:(kh * group + r + 1) * D]
+                o[:] = 0.0
+                for sp in range(nsplit):
+                    f = w[sp] / L
+                    for j in range(D):
+                        o[j] += f * acc[kh, sp, r, j]
+                    for i in range(sp * chunk, min(n, (sp + 1) * chunk)):
+                        imp[start + i] += e[kh, r, i] * f
+                if rot_v:
+                    hadamard(o)
+        return
+    TQ = 16  # query tokens per work item
+    ntile = (T + TQ - 1) // TQ
+    P = pos0 + T
+    part = np.zeros((ntile, n_kv, P), np.float32)  # [tile, n_kv, positions] importance per item
+    for it in nb.prange(n_kv * ntile):
+        kh, tl = it // ntile, it % ntile
+        t0, t1 = tl * TQ, min(T, (tl + 1) * TQ)
+        lo = 0 if window <= 0 else max(0, pos0 + t0 - window + 1)
+        hi = pos0 + t1
+        R = (t1 - t0) * group
+        e = np.empty((R, hi - lo), np.float32)
+        acc = np.empty((R, D), np.float32)
+        ms = np.empty(R, np.float32)
+        ls = np.empty(R, np.float32)
+        _attend_item(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, kh, group, t0, t1, lo, hi, pos0,
+                     window, scale, rot_k, e, acc, ms, ls)
+        pr = part[tl, kh]
+        for r in range(R):
+            t = t0 + r // group
+            h = kh * group + r % group
+            inv = np.float32(1.0) / ls[r]
+            o = out[t, h * D:(h + 1) * D]
+            for j in range(D):
+                o[j] = acc[r, j] * inv
+            if rot_v:
+                hadamard(o)
+            er = e[r]
+            for i in range(hi - lo):
+                pr[lo + i] += er[i] * inv
+    for tl in range(ntile):
+        for kh in range(n_kv):
+            for i in range(P):
+                imp[i] += part[tl, kh, i]

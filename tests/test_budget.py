@@ -45,7 +45,7 @@ def test_plan_equals_allocations(tiny_models, expand_q5):
         got = b.by_category()
         assert got["weights"] == m.plan["weights"] + m.plan["embedding"] + m.plan["ffn"], arch
         assert b.fixed > 50 * 2**20  # the process's measured RSS when it planned
-        assert got["kv cache"] == m.plan["kv cache"] == m.k_cache.nbytes + m.v_cache.nbytes
+        assert got["kv cache"] == m.plan["kv cache"] == m.kv.nbytes
         bufs = [m.x, m.xn, m.q, m.k, m.v, m.att, m.o, m.gate, m.up]
         acts = [a for ab in (m.act_e, m.act_q) for a in (ab.xq, ab.x8, ab.xd, ab.xs)]
         logits_row = m.cfg.n_vocab * 4
