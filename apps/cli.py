@@ -19,6 +19,7 @@ COMMANDS = {
     "profile": ("edgert.apps.profile", "per-layer / per-op time, bytes, I/O; Chrome trace"),
     "convert": ("edgert.apps.convert", "GGUF -> edgert package: neuron clusters, thresholds, predictors"),
     "tradeoff": ("edgert.apps.tradeoff", "perplexity vs FFN sparsity of a package, per selector"),
+    "kv-tradeoff": ("edgert.apps.kv_tradeoff", "perplexity and KL vs KV cache bits: token-adaptive, uniform, llama.cpp's"),
     "compare": ("edgert.apps.compare", "intermediate tensors against llama.cpp's, op by op"),
 }
 

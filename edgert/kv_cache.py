@@ -12,9 +12,10 @@
   the window goes to the middle tier if its importance (the mean attention probability it has
   received per query token, accumulated inside the attention kernel) beats the least important
   position there, which is then demoted to the bottom tier, requantised in place; else to the
-  bottom tier. The middle tier's size follows the bit budget `--kv-bits` at every length, so the
-  bits in use never exceed it once the context is longer than the top tier. Lost bits cannot come
-  back, so positions are never promoted.
+  bottom tier. The middle tier's share follows the bit budget `--kv-bits` at every length: the
+  memory held is the budget's from the start (tiers sized for n_ctx positions), and the bits in
+  use are within it once the context is long enough to pay for the top tier (n0 (b0 - b2) /
+  (B - b2) positions). Lost bits cannot come back, so positions are never promoted.
   Below the top tier K is quantised channel-wise (KIVI): each page of `page` positions has a
   per-channel min and max (fp16), and every position's K row is coded against them at its own
   bit width. Measured on real models (docs/kv-cache.md), per-row K quantisation is what breaks
@@ -75,7 +76,12 @@ KV_TYPES = {t.name: t for t in (
     KVType("q2", 2, 64, True),
 )}
 TYPE_NAMES = tuple(KV_TYPES) + ("auto",)
-LADDER = ("q8_0", "q4", "q3", "q2")  # auto's tiers are q8_0 and two adjacent rungs of this
+TOP = "f16/q8_0"  # auto's top tier (sinks, recent window): K fp16 (its channel ranges come from it), V q8_0
+# auto's lower tiers: two adjacent rungs of this K/V ladder (bits per value 8.5, 6.5, 4.5, 3.5, 3).
+# K gets the bits: measured on Qwen2.5-Coder-0.5B at 2,048 positions, V at 2 bits below the top
+# tier costs little (attention weights the error of a V row by the row's probability), K at 2 bits
+# a lot, 3 bits little (docs/kv-cache.md)
+LADDER = ("q8", "q8/q4", "q4", "q4/q2", "q3/q2")
 N_TIERS = 3
 
 
@@ -156,30 +162,38 @@ def layout(n_kv: int, D: int, n_ctx: int, f: KVFormat) -> KVLayout:
     n0 = min(n_ctx, f.sinks + f.window)
     if f.window < PAGE:
         raise EdgertError(f"--kv-window {f.window}: auto needs at least {PAGE} (a page of K ranges)")
+    def types(names):  # a tier's name: "TYPE" for K and V, or "KTYPE/VTYPE"
+        tk = tuple(kv_type(n.split("/")[0] if f.type_k == "auto" else f.type_k, D, "--kv-tiers") for n in names)
+        tv = tuple(kv_type(n.split("/")[-1] if f.type_v == "auto" else f.type_v, D, "--kv-tiers") for n in names)
+        if f.type_k == "auto":  # K below the top tier channel-wise against its page's ranges
+            tk = (tk[0],) + tuple(t.channelwise() for t in tk[1:])
+        return tk, tv
+
     names = f.tiers
-    if names is None:  # the two rungs around what the budget leaves below the top tier
-        ladder = [kv_type(n, D, "--kv-tiers") for n in LADDER]
-        top = ladder[0].bits_per_value(D)
+    if names is None:  # the top tier, then the two rungs around what the budget leaves below it
+        top = bits(*types((TOP, TOP, TOP)))[0]
         rest = (f.bits * N - top * n0) / max(1, N - n0)
-        lo = next((i for i, t in enumerate(ladder) if t.bits_per_value(D) <= rest + 1e-9), None)
+        lo = next((i for i, n in enumerate(LADDER) if bits(*types((n,) * 3))[1] <= rest + 1e-9), None)
         if lo is None:
             raise EdgertError(
                 f"--kv-bits {f.bits:g}: too few for a {n_ctx}-token context: the cheapest type "
-                f"({ladder[-1].name}) needs {ladder[-1].bits_per_value(D):g} bits per value and the top "
+                f"({LADDER[-1]}) needs {bits(*types((LADDER[-1],) * 3))[1]:g} bits per value and the top "
                 f"tier's {f.sinks} sinks + {f.window} recent positions {top:g}")
-        names = (LADDER[0],) * 3 if lo == 0 else (LADDER[0], LADDER[lo - 1], LADDER[lo])
+        names = (TOP, LADDER[max(0, lo - 1)], LADDER[lo])
     if len(names) != N_TIERS:
         raise EdgertError(f"--kv-tiers {','.join(names)}: name {N_TIERS} types, top to bottom")
-    tk = tuple(kv_type(n if f.type_k == "auto" else f.type_k, D, "--kv-tiers") for n in names)
-    if f.type_k == "auto":  # K below the top tier: channel-wise against its page's ranges
-        tk = (tk[0],) + tuple(t.channelwise() for t in tk[1:])
-    tv = tuple(kv_type(n if f.type_v == "auto" else f.type_v, D, "--kv-tiers") for n in names)
+    tk, tv = types(names)
     b = bits(tk, tv)
-    n1 = _tier_counts(N, n0, b, f.bits)
+    # the bottom tier is sized for its fullest moment: while the budget's share of the middle tier
+    # is below the positions that have left the window, the rest wait in the bottom tier (never promoted)
+    n2 = max([N - n0 - _tier_counts(N, n0, b, f.bits)] +
+             [max(0, t - n0 - _tier_counts(t, n0, b, f.bits)) for t in range(n0 + 1, N)])
+    n1 = N - n0 - n2
     if b[0] * n0 + b[1] * n1 + b[2] * (N - n0 - n1) > f.bits * N * 1.0001:
-        raise EdgertError(f"--kv-bits {f.bits:g}: more than tiers {','.join(names)} can hold "
-                          f"({b[2]:g} bits per value at the least)")
-    return KVLayout(tk, tv, (n0, n1, N - n0 - n1), b)
+        least = (b[0] * n0 + b[2] * (N - n0)) / N
+        raise EdgertError(f"--kv-bits {f.bits:g}: too few for tiers {','.join(names)} at {n_ctx} positions "
+                          f"(at least {least:.3g} bits per value: {n0} positions in {names[0]})")
+    return KVLayout(tk, tv, (n0, n1, n2), b)
 
 
 class KVCache:
@@ -208,9 +222,9 @@ class KVCache:
             n = max(1, self.n_slots[i])
             tk, tv = self.tiers_k[i], self.tiers_v[i]
             self.kc.append(np.zeros((n_layer, n, n_kv, tk.row_bytes(D)), np.uint8))
-            self.ks.append(np.zeros((n_layer, n, n_kv, max(1, tk.n_scales(D))), np.uint16))
+            self.ks.append(np.zeros((n_layer, n, n_kv, tk.n_scales(D)), np.uint16))
             self.vc.append(np.zeros((n_layer, n, n_kv, tv.row_bytes(D)), np.uint8))
-            self.vs.append(np.zeros((n_layer, n, n_kv, max(1, tv.n_scales(D))), np.uint16))
+            self.vs.append(np.zeros((n_layer, n, n_kv, tv.n_scales(D)), np.uint16))
         self.tier = np.full((n_layer, n_ctx), -1, np.int8)     # [layer, position] its tier, -1: empty
         self.slot = np.zeros((n_layer, n_ctx), np.int32)       # [layer, position] its slot in the tier
         self.imp = np.zeros((n_layer, n_ctx), np.float32)      # [layer, position] attention received
@@ -260,6 +274,8 @@ class KVCache:
 
     def store(self, il: int, k3: np.ndarray, v3: np.ndarray, pos0: int):
         """k3, v3: [T, n_kv, head_dim] float32 (roped) -> the cache at positions pos0 .. pos0 + T - 1."""
+        if pos0 + k3.shape[0] > self.n_ctx:
+            raise EdgertError(f"KV cache: positions up to {pos0 + k3.shape[0]} do not fit its {self.n_ctx}")
         if self.exact:
             store_kv(k3, v3, self.k[il], self.v[il], pos0)
             return
@@ -410,7 +426,8 @@ def admit(kc, ks, vc, vs, kspec, vspec, krange, page_done, tier, slot, imp, free
     Positions from pos0 on (a shorter context re-run) are freed. A position leaving the recent
     window goes to the middle tier while it holds fewer than cap1; after that it displaces the
     middle tier's least important position (demoted to the bottom tier) when its own importance is
-    higher, else goes to the bottom tier itself. Importance: attention received per query token
+    higher, else goes to the bottom tier itself (to the middle one when the bottom one is full:
+    early in a context where the budget's share of the middle tier grows faster than the context). Importance: attention received per query token
     since the position was cached. Returns False if a tier ran out of slots."""
     for pos in range(pos0, hw):
         if kspec[1, 3]:
@@ -433,7 +450,8 @@ def admit(kc, ks, vc, vs, kspec, vspec, krange, page_done, tier, slot, imp, free
                 sc = imp[pp] / np.float32(pos0 - pp)
                 if sc < mn:
                     mn, mp = sc, pp
-        if n1 < cap1:
+        # the three tiers hold n_ctx positions: when one of the two lower tiers is full, the other has room
+        if (n1 < cap1 and nfree[1] > 0) or nfree[2] == 0:
             ok = _move(kc, ks, vc, vs, kspec, vspec, krange, tier, slot, free, off, nfree, pos, 1, buf)
         elif mp >= 0 and imp[pos] / np.float32(pos0 - pos) > mn:
             ok = _move(kc, ks, vc, vs, kspec, vspec, krange, tier, slot, free, off, nfree, mp, 2, buf) and \

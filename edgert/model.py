@@ -180,6 +180,7 @@ class Model:
             residency.release_compiler_pages()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
         self.kv_fmt = kv or KVFormat()
+        self.n_batch_asked = n_batch
         self.n_batch = max(1, min(n_batch, self.n_ctx, self.kv_fmt.window if self.kv_fmt.adaptive else n_batch))
         self.budget = budget
         if before_weights is not None:
@@ -292,6 +293,18 @@ class Model:
     def reset(self):
         self.n_past = 0
         self.kv.reset()
+
+    def set_kv(self, fmt: KVFormat):
+        """Replace the KV cache by an empty one in format fmt (same context; re-charged to the budget)."""
+        c = self.cfg
+        self.kv = None
+        with _small_pages():
+            self.kv = KVCache(c.n_layer, c.n_head_kv, c.head_dim, self.n_ctx, fmt)
+        self.kv_fmt = fmt
+        self._charge("kv cache", self.kv.nbytes)
+        self.n_batch = max(1, min(self.n_batch_asked, self.placement.n_batch, self.kv.max_batch()))
+        self.n_past = 0
+        log.info("%s", self.kv.describe())
 
     # ---------------------------------------------------------------------------------------
     # forward
