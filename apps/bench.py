@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from edgert.apps.common import err, is_tty
+from edgert.apps.common import add_kv_args, err, is_tty, kv_format
 
 
 def _ints(s):
@@ -46,6 +46,7 @@ def build_parser():
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON rows to FILE")
     p.add_argument("--png", default=None, metavar="FILE",
                    help="with several --mem-budget values: tok/s against the budget, per engine, as a PNG")
+    add_kv_args(p)
     p.add_argument("--source", default=None,
                    help="the GGUF llama.cpp runs when -m is an edgert package (default: the package "
                         "recipe's source file, beside the package or among pulled models)")
@@ -126,15 +127,19 @@ def main(argv) -> int:
     sps = [float(x) for x in args.sparsity.split(",")] if args.sparsity else [None]
     sels = [x.strip() for x in args.selector.split(",") if x.strip()]
     sources = {p: source_of(p, args.source) for p in paths} if args.baseline else {}
+    kv = kv_format(args)
+    from edgert.kv_eval import LLAMA_TYPES  # llama.cpp runs the same KV types where it has them, else f16
+    ll_kv = (("type_k", kv.type_k if kv.type_k in LLAMA_TYPES else "f16"),
+             ("type_v", kv.type_v if kv.type_v in LLAMA_TYPES else "f16"))
 
     def variants(path):
         vs = []
         for f in ffns:
             for sp in (sps if f == "sparse" else [None]):
                 for sel in (sels if f == "sparse" else [None]):
-                    vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel))))
+                    vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel), ("kv", kv))))
         if args.baseline:
-            vs.append(Variant(args.baseline, sources[path]))
+            vs.append(Variant(args.baseline, sources[path], ll_kv))
         return vs
     if args.cap:
         from edgert.cgroup import available
@@ -226,7 +231,8 @@ def record(r, bw, meta) -> dict:
         "mem_budget_bytes": r.mem_budget_bytes, "capped": r.capped, "cap_peak_bytes": r.cap_peak_bytes,
         "killed": r.killed, "sparsity": r.stats.get("sparsity"), "predictor_recall": r.stats.get("predictor_recall"),
         "neuron_hit_rate": r.stats.get("neuron_hit_rate"), "bytes_read_per_token": r.stats.get("bytes_read_per_token"),
-        "io_wait_s": r.stats.get("io_wait_s"), "ffn": r.stats.get("ffn"),
+        "io_wait_s": r.stats.get("io_wait_s"), "ffn": r.stats.get("ffn"), "kv": r.stats.get("kv"),
+        "kv_bytes": r.stats.get("kv_bytes"), "kv_types": r.stats.get("kv_hist"),
     }
 
 
@@ -235,8 +241,10 @@ def markdown(results, bw) -> str:
     has_base = bool(base)
     budgets = any(r.mem_budget_bytes for r in results)
     sparse = any(r.stats.get("ffn") in ("sparse", "stream") for r in results)
+    kvcol = any(r.stats.get("kv", "K f16 V f16") != "K f16 V f16" for r in results)
     head = ["model", "size", "params", "backend", "threads", "test"] + (["budget"] if budgets else []) + \
-        ["t/s", "GB/s", "peak RSS"] + (["ffn: sparsity / hit / MiB read per token / I/O wait"] if sparse else [])
+        ["t/s", "GB/s", "peak RSS"] + (["ffn: sparsity / hit / MiB read per token / I/O wait"] if sparse else []) + \
+        (["KV cache: type / bytes vs f16 / bits in use"] if kvcol else [])
     if has_base:
         head.append("vs llama.cpp")
     rows = []
@@ -257,6 +265,11 @@ def markdown(results, bw) -> str:
                            f"{st['io_wait_s'] / max(st['tokens'], 1) * 1e3:.0f} ms")
             else:
                 row.append(st.get("ffn", "") or "")
+        if kvcol:
+            st = r.stats
+            hist = st.get("kv_hist") or {}
+            row.append(st.get("kv", "") + (f" / {st['kv_vs_f16']:.3f} / {hist.get('bits_in_use', 0):.2f}"
+                                           if "kv_bytes" in st else ""))
         if has_base:
             b = base.get((r.model, r.threads, r.test, r.mem_budget_bytes))
             ok = b is not None and r.backend != "llama.cpp" and b.samples_ns and r.samples_ns

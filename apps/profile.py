@@ -45,6 +45,7 @@ def decode_run(model, ids, n, tracer=None):
         tracer.counter("memory", rss_mib=proc.memory_info().rss / 2**20,
                        kv_mib=model.n_past * per_tok_kv / 2**20)
         tracer.counter("bytes read", bytes=model.load_io["bytes"])
+        tracer.counter("kv cache", **model.kv.histogram(model.n_past))  # positions per type, bits in use
     t = decode_fixed(model, ids, n, before=mark, after=sample if tracer is not None else None)
     return start[0], float(t.sum())
 

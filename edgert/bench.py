@@ -83,7 +83,7 @@ class EdgertRunner:
         # the tokenizer is built as `edgert run` builds it: its memory is part of the fixed cost
         self.m = Model(path, n_ctx=n_ctx, n_batch=512, budget=budget, ffn=opts.get("ffn", "auto"),
                        sparsity=opts.get("sparsity"), selector=opts.get("selector") or "auto",
-                       before_weights=lambda g: setattr(self, "tok", Tokenizer(g.metadata, path)))
+                       before_weights=lambda g: setattr(self, "tok", Tokenizer(g.metadata, path)), kv=opts.get("kv"))
         self.n_vocab = self.m.cfg.n_vocab
 
     def reset(self):
@@ -93,6 +93,11 @@ class EdgertRunner:
         d = self.m.stats.as_dict()
         d["ffn"] = self.m.placement.ffn
         d["selector"] = self.m.placement.selector
+        kv = self.m.kv
+        d["kv"] = kv.fmt.label()
+        d["kv_bytes"] = kv.nbytes
+        d["kv_vs_f16"] = kv.nbytes / (2 * kv.n_layer * kv.n_ctx * kv.n_kv * kv.D * 2)
+        d["kv_hist"] = kv.histogram(self.m.n_past)  # positions per type and the bits in use at the end
         return d
 
     def reset_stats(self):
@@ -117,12 +122,16 @@ class LlamaCppRunner:
                 p.use_extra_bufts = False
                 return p
             lc.llama_model_default_params = no_repack
+        from edgert.kv_eval import LLAMA_TYPES
+        tk, tv = opts.get("type_k", "f16"), opts.get("type_v", "f16")
+        kw = {} if tk == tv == "f16" else dict(type_k=LLAMA_TYPES[tk], type_v=LLAMA_TYPES[tv], flash_attn=True)
+        self.kv = f"K {tk} V {tv}"
         self.ll = Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                        n_threads_batch=threads, verbose=False)
+                        n_threads_batch=threads, verbose=False, **kw)
         self.n_vocab = self.ll.n_vocab()
 
     def stats(self) -> dict:
-        return {}
+        return {"kv": self.kv}
 
     def reset_stats(self):
         pass

@@ -32,7 +32,7 @@ import numba as nb
 import numpy as np
 
 from edgert.errors import EdgertError
-from edgert.kernels.attention import attention, attention_kv, store_kv
+from edgert.kernels.attention import attention_buf, attention_kv, store_kv
 from edgert.kernels.kv_quant import (dequantize_row, dequantize_row_ranged, hadamard, page_range, quantize_row,
                                      quantize_row_ranged)
 
@@ -140,7 +140,9 @@ class KVLayout:
                     for tk, tv, n in zip(self.tiers_k, self.tiers_v, self.n_slots))
         # tier int8, slot int32, importance float32 per position; the free-slot stacks int32; K's
         # per-channel ranges (fp16 min and max) per page and head
-        maps = 0 if len(self.n_slots) == 1 else n_ctx * (1 + 4 + 4) + sum(self.n_slots) * 4
+        if len(self.n_slots) == 1:  # f16: the float32 rows attention converts to, once per process
+            return n_layer * pools + 2 * n_ctx * n_kv * D * 4
+        maps = n_ctx * (1 + 4 + 4) + sum(self.n_slots) * 4
         if any(t.channel for t in self.tiers_k):
             maps += -(-n_ctx // PAGE) * n_kv * 2 * D * 2
         return n_layer * (pools + maps)
@@ -208,6 +210,9 @@ class KVCache:
         if self.exact:  # fp16 bits: [n_layer, n_ctx, n_head_kv, head_dim]
             self.k = np.zeros((n_layer, n_ctx, n_kv, D), np.uint16)
             self.v = np.zeros((n_layer, n_ctx, n_kv, D), np.uint16)
+            # the rows in use as float32 for attention, shared by the layers: [n_ctx, n_kv, head_dim]
+            self.kf = np.empty((n_ctx, n_kv, D), np.float32)
+            self.vf = np.empty((n_ctx, n_kv, D), np.float32)
             return
         chan = any(t.channel for t in self.tiers_k)
         self.rot_k = fmt.rotate and not chan and self.tiers_k[0].name != "f16" and D & (D - 1) == 0
@@ -299,7 +304,7 @@ class KVCache:
     def attend(self, il: int, q3: np.ndarray, pos0: int, window: int, scale, out: np.ndarray):
         """q3: [T, n_head, head_dim] -> out [T, n_head * head_dim] over positions 0 .. pos0 + T - 1."""
         if self.exact:
-            attention(q3, self.k[il], self.v[il], pos0, window, scale, out)
+            attention_buf(q3, self.k[il], self.v[il], pos0, window, scale, out, self.kf, self.vf)
             return
         kc, ks, vc, vs, kspec, vspec, tier, slot = self._args[il]
         attention_kv(q3, kc, ks, vc, vs, kspec, vspec, self.krange[il], PAGE, tier, slot, pos0, window, scale,

@@ -7,7 +7,7 @@ import numba as nb
 import numpy as np
 
 from edgert.kernels.fmath import expf_needs_slow_path, fma32, ggml_expf, ggml_expf_common, hsum8, reduce_4x8
-from edgert.kernels.kv_quant import dequantize_row, dequantize_row_ranged, hadamard
+from edgert.kernels.kv_quant import dequantize_row, dequantize_row_ranged_f, hadamard, range_f32
 from edgert.kernels.quant import f16_bits, f16_finite_to_f32, round_f16
 
 
@@ -35,9 +35,19 @@ def _dot_f16_one(q16, kf, a):
     return reduce_4x8(a)
 
 
-@nb.njit(cache=True, parallel=True, nogil=True)
+@nb.njit(cache=True, nogil=True)
 def attention(q, k_cache, v_cache, pos0, window, scale, out):
-    """q: [T, n_head, head_dim] (roped); caches: [n_ctx, n_kv, head_dim] uint16; out: [T, n_head * head_dim].
+    """attention_buf with scratch of its own (tests, probes)."""
+    P = pos0 + q.shape[0]
+    kf = np.empty((P, k_cache.shape[1], k_cache.shape[2]), np.float32)
+    vf = np.empty((P, k_cache.shape[1], k_cache.shape[2]), np.float32)
+    attention_buf(q, k_cache, v_cache, pos0, window, scale, out, kf, vf)
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def attention_buf(q, k_cache, v_cache, pos0, window, scale, out, kf, vf):
+    """q: [T, n_head, head_dim] (roped); caches: [n_ctx, n_kv, head_dim] uint16; out: [T, n_head * head_dim];
+    kf, vf: float32 scratch [>= pos0 + T, n_kv, head_dim].
 
     Token t at position p = pos0 + t attends to cache positions max(0, p - window + 1) .. p
     (window <= 0: all of 0 .. p). Every float operation is llama.cpp's (CPU, no flash attention):
@@ -51,8 +61,8 @@ def attention(q, k_cache, v_cache, pos0, window, scale, out):
     group = H // n_kv
     decode = T == 1
     P = pos0 + T
-    kf = np.empty((P, n_kv, D), np.float32)  # [P, n_kv, head_dim] the cache rows in use, as float32
-    vf = np.empty((P, n_kv, D), np.float32)
+    # kf, vf: [>= P, n_kv, head_dim] scratch for the cache rows in use as float32 (allocated once by
+    # the caller: a fresh 1.5 MiB array per layer and token costs its page faults every time)
     kt = np.empty((n_kv, D, 0 if decode else P), np.float32)  # [n_kv, head_dim, P] K transposed (batches)
     for pp in nb.prange(P):
         for h in range(n_kv):
@@ -146,11 +156,16 @@ _FAST = {"reassoc", "contract", "arcp", "nsz"}  # reorder sums (vectorised dots)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _row(codes, scales, spec, rng, page, tr, sl, kh, pos, buf):
+def _row(codes, scales, spec, rng, page, tr, sl, kh, pos, buf, pg, lo, w):
     """Cached row (position pos, KV head kh) in tier tr, slot sl -> buf [head_dim] float32: spec[tr, 3]
-    says channel-wise (against the per-channel ranges rng of pos's page) or per row with scales."""
+    says channel-wise (against the per-channel ranges rng of pos's page; lo / w hold page pg[0]'s
+    as float32, reloaded when the page changes) or per row with scales."""
     if spec[tr, 3]:
-        dequantize_row_ranged(codes[tr][sl, kh], spec[tr, 0], rng[pos // page, kh], buf)
+        p = pos // page
+        if pg[0] != p:
+            range_f32(rng[p, kh], lo, w)
+            pg[0] = p
+        dequantize_row_ranged_f(codes[tr][sl, kh], spec[tr, 0], lo, w, buf)
     else:
         dequantize_row(codes[tr][sl, kh], scales[tr][sl, kh], spec[tr, 0], spec[tr, 1], spec[tr, 2], buf)
 
@@ -173,11 +188,14 @@ def _attend_item(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, kh, 
         if rot_k:
             hadamard(qr[r])
     buf = np.empty(D, np.float32)      # [head_dim] one cached row, dequantised
+    rlo = np.empty(D, np.float32)      # [head_dim] the current K page's channel minima and widths
+    rw = np.empty(D, np.float32)
+    pg = np.full(1, -1, np.int64)
     for r in range(R):
         m_out[r] = np.float32(-3.0e38)
     for i in range(n):
         pos = lo + i
-        _row(kc, ks, kspec, krange, page, tier[pos], slot[pos], kh, pos, buf)
+        _row(kc, ks, kspec, krange, page, tier[pos], slot[pos], kh, pos, buf, pg, rlo, rw)
         for r in range(R):
             p = pos0 + t0 + r // group
             if pos > p or (window > 0 and pos <= p - window):
@@ -201,7 +219,7 @@ def _attend_item(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, kh, 
     acc_out[:, :] = 0.0
     for i in range(n):
         pos = lo + i
-        _row(vc, vs, vspec, krange, page, tier[pos], slot[pos], kh, pos, buf)
+        _row(vc, vs, vspec, krange, page, tier[pos], slot[pos], kh, pos, buf, pg, rlo, rw)
         for r in range(R):
             w = e_out[r, i]
             if w != 0.0:

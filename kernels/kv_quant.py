@@ -189,11 +189,27 @@ def quantize_row_ranged(x, bits, rng, codes):
 def dequantize_row_ranged(codes, bits, rng, out):
     """codes (quantize_row_ranged's) -> out [D] float32."""
     D = out.shape[0]
-    _unpack(codes, 0, bits, D, out)
+    lo = np.empty(D, np.float32)
+    w = np.empty(D, np.float32)
+    range_f32(rng, lo, w)
+    dequantize_row_ranged_f(codes, bits, lo, w, out)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def range_f32(rng, lo, w):
+    """A page's ranges rng [2, D] (fp16 bits) -> lo [D] and width w = hi - lo [D], float32."""
+    for j in range(lo.shape[0]):
+        lo[j] = f16_finite_to_f32(rng[0, j])
+        w[j] = f16_finite_to_f32(rng[1, j]) - lo[j]
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def dequantize_row_ranged_f(codes, bits, lo, w, out):
+    """dequantize_row_ranged with the page's ranges already as float32 (range_f32)."""
+    _unpack(codes, 0, bits, out.shape[0], out)
     s = np.float32(1.0 / ((1 << bits) - 1))
-    for j in range(D):
-        lo = f16_finite_to_f32(rng[0, j])
-        out[j] = lo + out[j] * (f16_finite_to_f32(rng[1, j]) - lo) * s
+    for j in range(out.shape[0]):
+        out[j] = lo[j] + out[j] * (w[j] * s)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
