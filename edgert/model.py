@@ -174,12 +174,13 @@ class Model:
         self.gguf = g
         self.cfg = c = config_from_gguf(g)
         self.pkg = open_package(g) if is_package(g) else None
+        self.kv_fmt = kv or KVFormat()
         if residency.enabled():  # the kernels it needs first, then the compiler's pages out, then the weights
             qtypes = {t.qtype for n, t in g.tensors.items() if len(t.shape) > 1 and not _role(n) == "package"}
-            residency.preload_kernels(residency.unneeded_kernels(qtypes, c.ffn_act, sparse=self.pkg is not None))
+            residency.preload_kernels(residency.unneeded_kernels(qtypes, c.ffn_act, sparse=self.pkg is not None,
+                                                                kv_exact=self.kv_fmt.type_k == self.kv_fmt.type_v == "f16"))
             residency.release_compiler_pages()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
-        self.kv_fmt = kv or KVFormat()
         self.n_batch_asked = n_batch
         self.n_batch = max(1, min(n_batch, self.n_ctx, self.kv_fmt.window if self.kv_fmt.adaptive else n_batch))
         self.budget = budget

@@ -41,10 +41,10 @@ def enabled() -> bool:
     return env("EDGERT_RELEASE_JIT") != "0" and not numba.config.DISABLE_JIT
 
 
-def unneeded_kernels(qtypes, ffn_act: str, sparse: bool = False) -> set:
+def unneeded_kernels(qtypes, ffn_act: str, sparse: bool = False, kv_exact: bool = True) -> set:
     """Kernels a model with these matrix types and FFN activation never calls (not worth their
     memory: the tile-layout kernels alone are ~9 MiB loaded); the sparse-FFN kernels only for
-    packages."""
+    packages; the quantised-KV attention only for a quantised KV cache (kv_exact: f16)."""
     from edgert.kernels.quant import ROW_TYPES
     from edgert.kernels.simd import available
     skip = {"geglu", "gelu_f32"} if ffn_act != "gelu" else {"swiglu"}
@@ -54,6 +54,7 @@ def unneeded_kernels(qtypes, ffn_act: str, sparse: bool = False) -> set:
         skip |= {"matmul_rows_k", "_dequantize_row_rows_k"}
     if not sparse:
         skip |= {"sparse_ffn", "predict_gate", "select_above"}
+    skip |= {"attention_kv", "_attend_item", "_row"} if kv_exact else {"attention", "attention_buf"}
     return skip
 
 

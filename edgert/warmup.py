@@ -3,7 +3,8 @@
 A device must build its own cache (the compiled code targets the host CPU): `edgert warmup` runs
 this once after installation. It evaluates tiny random models of each architecture, which
 exercise every quant type, both rope modes, biases, q/k norms, GeGLU and SwiGLU, single-token
-decode and batched prefill, and a package of one of them for the sparse FFN kernels.
+decode and batched prefill, the KV cache formats, and a package of one of them for the sparse FFN
+kernels.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def warmup() -> int:
             m = Model(path, n_ctx=32, n_batch=8)
             m.forward(np.arange(3, 13), all_logits=True)  # two batches: prefill
             m.decode_one_token(5)                          # decode
+            if arch == "llama":  # the KV cache formats: per row, and auto's tiers
+                from edgert.kv_cache import KVFormat
+                for fmt in (KVFormat("q8_0", "q8_0"), KVFormat("auto", "auto", 6.0)):
+                    m = Model(path, n_ctx=256, n_batch=64, kv=fmt)
+                    m.forward(np.arange(3, 203) % 200)
+                    m.decode_one_token(5)
             if arch == "llama":  # the sparse FFN: a package, both selectors, both down types
                 text = "\n".join(topics[k] for k in sorted(topics))[:20000]
                 for dt in ("Q8_0", "Q5_0"):
@@ -52,7 +59,7 @@ def warmup() -> int:
 def _count_signatures() -> int:
     import importlib
     n = 0
-    for mod in ("quant", "matmul", "norm", "rope", "attention", "activation", "sparse"):
+    for mod in ("quant", "matmul", "norm", "rope", "attention", "activation", "sparse", "kv_quant"):
         m = importlib.import_module(f"edgert.kernels.{mod}")
         for obj in vars(m).values():
             n += len(getattr(obj, "signatures", []) or [])
