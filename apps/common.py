@@ -55,7 +55,8 @@ def add_kv_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-bits", type=float, default=None, metavar="AVG",
                    help="auto: average bits per cached value, scales included (e.g. 3.5)")
     p.add_argument("--kv-tiers", default=None, metavar="T0,T1,T2",
-                   help="auto: its three types, top to bottom (default: q8_0 and the two types around the budget)")
+                   help="auto: its three types, top to bottom, each TYPE or KTYPE/VTYPE (default: f16/q8_0 "
+                        "and the two rungs of the K/V ladder around the budget)")
     p.add_argument("--kv-window", type=int, default=64, help="auto: recent positions kept in the top tier")
     p.add_argument("--kv-sinks", type=int, default=4, help="auto: first positions kept in the top tier")
     p.add_argument("--kv-rotate", choices=("on", "off"), default="on",
@@ -81,6 +82,16 @@ def kv_format(args):
         raise EdgertError("--kv-window must be >= 1 and --kv-sinks >= 0")
     return KVFormat(ck, cv, bits, tuple(tiers.split(",")) if tiers else None, sinks, window,
                     getattr(args, "kv_rotate", "on") == "on")
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file's contents; a clear error naming the file otherwise."""
+    from edgert.errors import EdgertError
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgertError(f"{path}: cannot read text ({e})") from None
 
 
 def setup_threads(n: int | None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgert.apps.common import err, model_path, setup_threads
+from edgert.apps.common import err, model_path, read_text, setup_threads
 
 
 def build_parser():
@@ -37,17 +37,12 @@ def _list(s):
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    from edgert.errors import EdgertError
-    from edgert.kv_cache import KVFormat
+    from edgert.kv_cache import KVFormat, layout
     from edgert.kv_eval import compare, uniform_bits
     from edgert.model import Model
     from edgert.tokenizer import Tokenizer
     threads = setup_threads(args.threads)
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgertError(f"{args.file}: cannot read text ({e})") from None
+    text = read_text(args.file)
     path = model_path(args.model)
     made = {}
     model = Model(path, n_ctx=args.ctx_size, ffn="dense",
@@ -65,7 +60,6 @@ def main(argv) -> int:
     for t in _list(args.per_row):
         formats.append((f"per-row {t}", "per-row", KVFormat(t, t)))
     for _, _, f in formats:  # every format checked before the first chunk runs
-        from edgert.kv_cache import layout
         layout(c.n_head_kv, c.head_dim, n, f)
     rows = compare(model, ids, n, args.chunks, tok.bos_id if tok.add_bos else None, formats, _list(args.llama),
                    threads, on_row=lambda i, k: err(f"chunk {i + 1}/{k} done"))

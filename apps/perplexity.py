@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgert.apps.common import add_model_args, err, load
+from edgert.apps.common import add_model_args, err, load, read_text
 
 
 def main(argv) -> int:
@@ -19,13 +19,8 @@ def main(argv) -> int:
     p.add_argument("--measure-recall", action="store_true",
                    help="sparse FFN: hold the gate matrices too and report the predictor's recall")
     args = p.parse_args(argv)
-    from edgert.errors import EdgertError
     from edgert.perplexity import perplexity
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgertError(f"{args.file}: cannot read text ({e})") from None
+    text = read_text(args.file)
     model, tok = load(args)
     ids = tok.encode(text, add_special=True)
     bos = tok.bos_id if tok.add_bos else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgert.apps.common import err, setup_threads
+from edgert.apps.common import err, read_text, setup_threads
 
 
 def build_parser():
@@ -36,11 +36,7 @@ def main(argv) -> int:
     from edgert.perplexity import perplexity
     from edgert.tokenizer import Tokenizer
     setup_threads(args.threads)
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgertError(f"{args.file}: cannot read text ({e})") from None
+    text = read_text(args.file)
     made = {}
     dense = Model(args.model, n_ctx=args.ctx_size, ffn="dense",
                   before_weights=lambda g: made.setdefault("tok", Tokenizer(g.metadata, args.model)))

@@ -93,10 +93,11 @@ class EdgertRunner:
         d = self.m.stats.as_dict()
         d["ffn"] = self.m.placement.ffn
         d["selector"] = self.m.placement.selector
+        from edgert.kv_cache import f16_nbytes
         kv = self.m.kv
         d["kv"] = kv.fmt.label()
         d["kv_bytes"] = kv.nbytes
-        d["kv_vs_f16"] = kv.nbytes / (2 * kv.n_layer * kv.n_ctx * kv.n_kv * kv.D * 2)
+        d["kv_vs_f16"] = kv.nbytes / f16_nbytes(kv.n_layer, kv.n_kv, kv.D, kv.n_ctx)
         d["kv_hist"] = kv.histogram(self.m.n_past)  # positions per type and the bits in use at the end
         return d
 

@@ -8,7 +8,7 @@
   the output rotated back).
 - `auto`: token-adaptive bit widths (EdgeQAT's idea applied to the cache). Each cached position
   (every KV head's row of one layer) lives in one of three tiers. Attention sinks (the first
-  `sinks` positions) and the recent `window` stay in the top tier (q8_0 rows); a position leaving
+  `sinks` positions) and the recent `window` stay in the top tier (K fp16, V q8_0); a position leaving
   the window goes to the middle tier if its importance (the mean attention probability it has
   received per query token, accumulated inside the attention kernel) beats the least important
   position there, which is then demoted to the bottom tier, requantised in place; else to the
@@ -25,6 +25,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -112,11 +113,20 @@ class KVFormat:
     def adaptive(self) -> bool:
         return "auto" in (self.type_k, self.type_v)
 
+    def max_batch(self, n_ctx: int) -> int:
+        """The most tokens one store may add (auto: the window holds a whole batch)."""
+        return self.window if self.adaptive else n_ctx
+
     def label(self) -> str:
         s = f"K {self.type_k} V {self.type_v}"
         if self.adaptive:
             s += f" ({self.bits:g} bits)"
         return s
+
+
+def f16_nbytes(n_layer: int, n_kv: int, D: int, n_ctx: int) -> int:
+    """An f16 cache's K and V bytes (the reference the other formats are measured against)."""
+    return 2 * n_layer * n_ctx * n_kv * D * 2
 
 
 def _tier_counts(N, n0, b, B):
@@ -148,6 +158,7 @@ class KVLayout:
         return n_layer * (pools + maps)
 
 
+@functools.lru_cache(maxsize=64)  # the plan, the budget and the cache each ask for the same format
 def layout(n_kv: int, D: int, n_ctx: int, f: KVFormat) -> KVLayout:
     """The types and tier sizes for format f (errors name the flag at fault)."""
     def bits(tk, tv):
@@ -274,8 +285,7 @@ class KVCache:
         return self.nbytes * 8 / (2 * self.n_layer * self.n_kv * self.n_ctx * self.D)
 
     def max_batch(self) -> int:
-        """The most tokens one store may add (auto: the window holds a whole batch)."""
-        return self.fmt.window if self.fmt.adaptive else self.n_ctx
+        return self.fmt.max_batch(self.n_ctx)
 
     def store(self, il: int, k3: np.ndarray, v3: np.ndarray, pos0: int):
         """k3, v3: [T, n_kv, head_dim] float32 (roped) -> the cache at positions pos0 .. pos0 + T - 1."""
@@ -295,8 +305,7 @@ class KVCache:
                        self.fmt.window, cap1, self.buf, self.pbuf)
             if not ok:
                 raise EdgertError(f"KV cache: layer {il} ran out of slots at position {end} (a bug)")
-        else:
-            self.imp[il, pos0:pos0 + T] = 0
+        else:  # one tier, fixed slots (the importance is not used)
             tier[pos0:pos0 + T] = 0
         self.hw[il] = pos0 + T
         store_rows(k3, v3, pos0, kc[0], ks[0], vc[0], vs[0], kspec, vspec, tier, slot, self.rot_k, self.rot_v)
@@ -319,23 +328,24 @@ class KVCache:
         out = {}
         for i, c in enumerate(counts):
             if c:
-                name = self.tiers_k[i].name if self.tiers_k[i] == self.tiers_v[i] else \
-                    f"{self.tiers_k[i].name}/{self.tiers_v[i].name}"
-                out[name] = out.get(name, 0) + int(c)
-        bits = [(a.bits_per_value(self.D) + b.bits_per_value(self.D)) / 2 for a, b in zip(self.tiers_k, self.tiers_v)]
-        out["bits_in_use"] = float(np.dot(counts, bits) / max(1, counts.sum()))
+                out[self._tier_name(i)] = out.get(self._tier_name(i), 0) + int(c)
+        out["bits_in_use"] = float(np.dot(counts, self.row_bits) / max(1, counts.sum()))
         return out
+
+    def _tier_name(self, i: int) -> str:
+        k, v = self.tiers_k[i].name, self.tiers_v[i].name
+        return k if k == v else f"{k}/{v}"
 
     def describe(self) -> str:
         if self.exact:
             return f"KV cache f16, {self.nbytes / 2**20:.1f} MiB"
-        names = ",".join(dict.fromkeys(t.name if t == u else f"{t.name}/{u.name}"
-                                       for t, u, n in zip(self.tiers_k, self.tiers_v, self.n_slots) if n))
+        tiers = [self._tier_name(i) for i in range(len(self.n_slots))]
+        names = ",".join(dict.fromkeys(t for t, n in zip(tiers, self.n_slots) if n))
         rot = "+".join(x for x, on in (("K", self.rot_k), ("V", self.rot_v)) if on) or "none"
         s = f"KV cache {self.fmt.label()}: {names}, {self.bits_per_value():.2f} bits per value held, " \
             f"{self.nbytes / 2**20:.1f} MiB, Hadamard rotation {rot}"
         if self.fmt.adaptive:
-            s += f", {self.fmt.sinks} sinks + {self.fmt.window} recent in {self.tiers_k[0].name}, " \
+            s += f", {self.fmt.sinks} sinks + {self.fmt.window} recent in {tiers[0]}, " \
                  f"tiers of {self.n_slots[0]}/{self.n_slots[1]}/{self.n_slots[2]} positions per layer"
         return s
 
@@ -412,14 +422,12 @@ def _fix_page(kc, ks, kspec, krange, page_done, tier, slot, p, sinks, n, pbuf):
     sinks left out: BOS's K is an outlier that would widen every channel). A batch that ends
     past the page leaves its later rows to be clamped to these ranges."""
     a, b = max(p * PAGE, sinks), min((p + 1) * PAGE, n)
-    for h in range(kc[0].shape[1]):
-        n = 0
-        for pos in range(a, b):
-            t, s = tier[pos], slot[pos]
-            dequantize_row(kc[t][s, h], ks[t][s, h], kspec[t, 0], kspec[t, 1], kspec[t, 2], pbuf[n])
-            n += 1
-        if n > 0:
-            page_range(pbuf, n, krange[p, h])
+    if b > a:
+        for h in range(kc[0].shape[1]):
+            for pos in range(a, b):
+                t, s = tier[pos], slot[pos]
+                dequantize_row(kc[t][s, h], ks[t][s, h], kspec[t, 0], kspec[t, 1], kspec[t, 2], pbuf[pos - a])
+            page_range(pbuf, b - a, krange[p, h])
     page_done[p] = True
 
 
@@ -432,8 +440,9 @@ def admit(kc, ks, vc, vs, kspec, vspec, krange, page_done, tier, slot, imp, free
     window goes to the middle tier while it holds fewer than cap1; after that it displaces the
     middle tier's least important position (demoted to the bottom tier) when its own importance is
     higher, else goes to the bottom tier itself (to the middle one when the bottom one is full:
-    early in a context where the budget's share of the middle tier grows faster than the context). Importance: attention received per query token
-    since the position was cached. Returns False if a tier ran out of slots."""
+    early in a context where the budget's share of the middle tier grows faster than the
+    context). Importance: attention received per query token since the position was cached.
+    Returns False if a tier ran out of slots."""
     for pos in range(pos0, hw):
         if kspec[1, 3]:
             page_done[pos // PAGE] = False

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgert.errors import EdgertError
-from edgert.kv_cache import KV_TYPES, KVFormat, layout
+from edgert.kv_cache import KV_TYPES, KVFormat, f16_nbytes, layout
 from edgert.perplexity import chunk_logits
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,10 @@ def compare(model, ids, n_ctx: int, n_chunks: int, bos, formats: list, llama_typ
                 raise EdgertError(f"llama.cpp KV type {t}: one of {', '.join(LLAMA_TYPES)}")
             ll = llama_cpp.Llama(model.path, n_ctx=n_ctx, n_batch=512, n_threads=threads, logits_all=True,
                                  verbose=False, type_k=LLAMA_TYPES[t], type_v=LLAMA_TYPES[t], flash_attn=True)
-            kt = KV_TYPES[t]
-            bits = kt.bits_per_value(c.head_dim)
+            bits = KV_TYPES[t].bits_per_value(c.head_dim)
             llamas.append(ll)
-            rows.append(KVRow(f"llama.cpp {t}", "llama.cpp", "llama.cpp", bits,
-                              int(2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * bits / 8)))
+            f16 = f16_nbytes(c.n_layer, c.n_head_kv, c.head_dim, n_ctx)
+            rows.append(KVRow(f"llama.cpp {t}", "llama.cpp", "llama.cpp", bits, int(f16 * bits / 16)))
     ref = KVRow("f16", "edgert", "f16", 16.0, 0)
     first = n_ctx // 2
     for i in range(n):
@@ -117,7 +116,7 @@ def compare(model, ids, n_ctx: int, n_chunks: int, bos, formats: list, llama_typ
             _score(row, lp_ref, np.array(ll.scores[first:n_ctx - 1], np.float32), targets)
         if on_row is not None:
             on_row(i, n)
-    f16_bytes = 2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * 2
+    f16_bytes = f16_nbytes(c.n_layer, c.n_head_kv, c.head_dim, n_ctx)
     ref.kv_bytes = f16_bytes
     ref.kl = [np.zeros_like(x) for x in ref.nll]
     ref.top1 = [np.ones_like(x) for x in ref.nll]

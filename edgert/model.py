@@ -182,7 +182,7 @@ class Model:
             residency.release_compiler_pages()
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
         self.n_batch_asked = n_batch
-        self.n_batch = max(1, min(n_batch, self.n_ctx, self.kv_fmt.window if self.kv_fmt.adaptive else n_batch))
+        self.n_batch = max(1, min(n_batch, self.kv_fmt.max_batch(self.n_ctx)))
         self.budget = budget
         if before_weights is not None:
             before_weights(g)

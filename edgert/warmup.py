@@ -36,13 +36,13 @@ def warmup() -> int:
             m = Model(path, n_ctx=32, n_batch=8)
             m.forward(np.arange(3, 13), all_logits=True)  # two batches: prefill
             m.decode_one_token(5)                          # decode
-            if arch == "llama":  # the KV cache formats: per row, and auto's tiers
+            if arch == "llama":  # the KV cache formats (per row, auto's tiers), then the sparse FFN
                 from edgert.kv_cache import KVFormat
                 for fmt in (KVFormat("q8_0", "q8_0"), KVFormat("auto", "auto", 6.0)):
                     m = Model(path, n_ctx=256, n_batch=64, kv=fmt)
                     m.forward(np.arange(3, 203) % 200)
                     m.decode_one_token(5)
-            if arch == "llama":  # the sparse FFN: a package, both selectors, both down types
+                # the sparse FFN: a package, both selectors, both down types
                 text = "\n".join(topics[k] for k in sorted(topics))[:20000]
                 for dt in ("Q8_0", "Q5_0"):
                     pkg = os.path.join(os.path.dirname(path), f"w-{dt}.edgert.gguf")

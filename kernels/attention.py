@@ -234,10 +234,10 @@ def attention_kv(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, pos0
     """q: [T, n_head, head_dim] (roped); kc / vc: per tier the code rows [n_slots, n_kv, row_bytes]
     uint8, ks / vs: their scales [n_slots, n_kv, n_scales] uint16; kspec / vspec: [n_tiers, 4]
     (bits, group, asym, channel-wise); krange: [n_pages, n_kv, 2, head_dim] fp16 bits, the
-    per-channel ranges of each page of `page` positions (channel-wise tiers); tier / slot: [n_ctx] where each cached position lives; out:
-    [T, n_head * head_dim]; imp: [n_ctx] float32, += the attention probability each cached position
-    receives, summed over the query tokens and heads of this call (the importance score, accumulated here, no second pass
-    over the cache). Rows are stored Hadamard-rotated where rot_k / rot_v: q is rotated the same
+    per-channel ranges of each page of `page` positions (channel-wise tiers); tier / slot: [n_ctx]
+    where each cached position lives; out: [T, n_head * head_dim]; imp: [n_ctx] float32, += the
+    attention probability each cached position receives, summed over the query tokens and heads
+    of this call (the importance score, accumulated here: no second pass over the cache). Rows are stored Hadamard-rotated where rot_k / rot_v: q is rotated the same
     way and the output rotated back. Same masking as attention(); float order free (fastmath)."""
     T, H, D = q.shape
     n_kv = kc[0].shape[1]
@@ -257,8 +257,8 @@ def attention_kv(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, pos0
             a, b = sp * chunk, min(n, (sp + 1) * chunk)
             _attend_item(q, kc, ks, vc, vs, kspec, vspec, krange, page, tier, slot, kh, group, 0, 1, start + a,
                          start + b, pos0, window, scale, rot_k, e[kh, :, a:b], acc[kh, sp], ms[kh, sp], ls[kh, sp])
+        w = np.empty(nsplit, np.float32)
         for kh in range(n_kv):
-            w = np.empty(nsplit, np.float32)
             for r in range(group):
                 M = np.float32(-3.0e38)
                 for sp in range(nsplit):

@@ -102,29 +102,10 @@ def dequantize_row(codes, scales, bits, G, asym, out):
         else:
             d = f16_finite_to_f32(scales[g])
             m = -off * d
-        o = g * G * bits // 8
         og = out[g * G:(g + 1) * G]
-        if bits == 8:
-            for j in range(G):
-                og[j] = np.float32(codes[o + j]) * d + m
-        elif bits == 4:
-            h = G // 2
-            for j in range(h):
-                b = codes[o + j]
-                og[j] = np.float32(b & 15) * d + m
-                og[j + h] = np.float32(b >> 4) * d + m
-        elif bits == 2:
-            q = G // 4
-            for j in range(q):
-                b = codes[o + j]
-                og[j] = np.float32(b & 3) * d + m
-                og[j + q] = np.float32((b >> 2) & 3) * d + m
-                og[j + 2 * q] = np.float32((b >> 4) & 3) * d + m
-                og[j + 3 * q] = np.float32(b >> 6) * d + m
-        else:  # 3
-            _unpack(codes, o, 3, G, og)
-            for j in range(G):
-                og[j] = og[j] * d + m
+        _unpack(codes, g * G * bits // 8, bits, G, og)
+        for j in range(G):
+            og[j] = og[j] * d + m
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
