@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from edgert.apps.common import add_kv_args, err, is_tty, kv_format
+from edgert.apps.common import add_kv_args, err, is_tty, kv_format, save_json, save_png
 
 
 def _ints(s):
@@ -160,8 +160,7 @@ def main(argv) -> int:
     meta = {"cpu_info": cpu_info(), "build_commit": build_commit(), "device": args.device}
     out = sys.stdout
     if args.save_json:
-        with open(args.save_json, "w") as f:
-            json.dump([record(r, bw, meta) for r in results], f, indent=1)
+        save_json(args.save_json, [record(r, bw, meta) for r in results])
     if args.png:
         plot_budgets(results, args.png)
     if args.output == "md":
@@ -205,7 +204,7 @@ def plot_budgets(results, path):
     ax.legend(fontsize=7)
     ax.set_title(results[0].info["model_type"] if results else "")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
 
 
 def _gbs(r, bw):

@@ -94,6 +94,27 @@ def read_text(path: str) -> str:
         raise EdgertError(f"{path}: cannot read text ({e})") from None
 
 
+def write_atomic(path: str, write, mode: str = "w"):
+    """write(f) into a temp file beside path, then rename: a killed run leaves no half-made file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(path: str, rows):
+    import json
+    write_atomic(path, lambda f: json.dump(rows, f, indent=1))
+
+
+def save_png(fig, path: str):
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
+
+
 def setup_threads(n: int | None) -> int:
     import numba
 

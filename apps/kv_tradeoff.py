@@ -8,9 +8,8 @@ types), and llama.cpp's own KV types on the same token ids.
 from __future__ import annotations
 
 import argparse
-import json
 
-from edgert.apps.common import err, model_path, read_text, setup_threads
+from edgert.apps.common import err, model_path, read_text, save_json, save_png, setup_threads
 
 
 def build_parser():
@@ -71,8 +70,7 @@ def main(argv) -> int:
         print(f"| {r['label']} | {r['engine']} | {r['bits']:.2f} | {r['vs_f16_bytes']:.3f} | {r['ppl']:.4f} | "
               f"{r['ppl'] / base - 1:+.2%} | {r['kl']:.4f} | {r['top1']:.4f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        save_json(args.json, rows)
     if args.png:
         plot(rows, f"{path.rsplit('/', 1)[-1]}: KV bits vs quality ({n}-token chunks)", args.png)
     return 0
@@ -101,4 +99,4 @@ def plot(rows, title, path):
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)

@@ -6,9 +6,8 @@ against its dense FFN on the same text (held-out: not the calibration text).
 from __future__ import annotations
 
 import argparse
-import json
 
-from edgert.apps.common import err, read_text, setup_threads
+from edgert.apps.common import err, read_text, save_json, save_png, setup_threads
 
 
 def build_parser():
@@ -68,8 +67,7 @@ def main(argv) -> int:
         print(f"| {r['selector']} | {r['level']:.2f} | {r['sparsity']:.3f} | {r['selected']:.3f} | {rec} | "
               f"{r['ppl']:.4f} | {r['delta']:+.2%} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        save_json(args.json, rows)
     if args.png:
         plot(rows, base, f"{dense_name(args.model)}: sparsity vs perplexity", args.png)
     return 0
@@ -96,4 +94,4 @@ def plot(rows, base, title, path):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)

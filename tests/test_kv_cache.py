@@ -310,3 +310,21 @@ def test_model_auto_matches_f16_closely():
     m.forward(ids[:200])
     last = [m.decode_one_token(int(t)) for t in ids[200:203]]
     assert np.allclose(last[-1], a[202], atol=0.05 * np.abs(a[202]).max())
+
+
+def test_results_written_whole_or_not_at_all(tmp_path):
+    """kv-tradeoff / tradeoff / bench write JSON and PNG through write_atomic: a writer that dies
+    halfway leaves neither the file nor its temp file, and an old file stays as it was."""
+    from edgert.apps.common import save_json, write_atomic
+    target = tmp_path / "rows.json"
+
+    def dies(f):
+        f.write("[{")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(target), dies)
+    assert list(tmp_path.iterdir()) == []
+    save_json(str(target), [{"a": 1}])
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(target), dies)
+    assert target.read_text() == '[\n {\n  "a": 1\n }\n]' and len(list(tmp_path.iterdir())) == 1
