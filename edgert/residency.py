@@ -45,13 +45,13 @@ def unneeded_kernels(qtypes, ffn_act: str, sparse: bool = False, kv_exact: bool 
     """Kernels a model with these matrix types and FFN activation never calls (not worth their
     memory: the tile-layout kernels alone are ~9 MiB loaded); the sparse-FFN kernels only for
     packages; the quantised-KV attention only for a quantised KV cache (kv_exact: f16)."""
-    from edgert.kernels.quant import ROW_TYPES
-    from edgert.kernels.simd import available
+    from edgert.kernels.isa import row_kernels
+    from edgert.kernels.quant import KQUANTS, ROW_TYPES
     skip = {"geglu", "gelu_f32"} if ffn_act != "gelu" else {"swiglu"}
-    if available() and all(q in ROW_TYPES for q in qtypes):
+    if row_kernels() and all(q in ROW_TYPES for q in qtypes):
         skip |= {"matmul_q", "_tile", "_tile_k", "_hsum8_strict", "_dequantize_row_tiles"}
-    if not any(q in (12, 14) for q in qtypes):
-        skip |= {"matmul_rows_k", "_dequantize_row_rows_k"}
+    if not any(q in KQUANTS for q in qtypes):
+        skip |= {"_dequantize_row_rows_k"}
     if not sparse:
         skip |= {"sparse_ffn", "predict_gate", "select_above"}
     skip |= {"attention_kv", "_attend_item", "_row"} if kv_exact else {"attention", "attention_buf"}

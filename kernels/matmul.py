@@ -16,8 +16,8 @@ import numba as nb
 import numpy as np
 
 from edgert.kernels.fmath import fma32
-from edgert.kernels.quant import DOT, TILE, QMatrix, quantize_act_row
-from edgert.kernels.simd import matmul_rows, matmul_rows_k
+from edgert.kernels.quant import DOT, KQUANTS, Q4_K, Q6_K, TILE, QMatrix, quantize_act_row
+from edgert.kernels.simd import matmul_rows
 
 TT = 4  # tokens per tile: weights of a block are reused TT times from L1
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -292,7 +292,7 @@ def matmul_q(qtype, qs, qh, sc, d, m, xq, xd, xs, out, nthreads):
         s32 = np.empty((2, 8, TT, TILE), np.float32)  # Q6_K: exact per-half lane sums
         for ti in range(c * chunk, min(nt, (c + 1) * chunk)):
             for t0 in range(0, T, TT):
-                if qtype >= 12:
+                if qtype == Q4_K or qtype == Q6_K:
                     _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, s64, accm,
                             lanes8, s32)
                 else:
@@ -343,9 +343,7 @@ def matmuls(x: np.ndarray, pairs, buf: ActBuffers):
         if done != (DOT[w.qtype], w.layout):
             xq, xd, xs = quantize_for(w, x, buf)
             done = (DOT[w.qtype], w.layout)
-        if w.layout == "rows" and w.qtype >= 12:
-            matmul_rows_k(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
-        elif w.layout == "rows":
-            matmul_rows(w.qtype, w.qs, w.qh, w.d, w.m, xq, xd, xs, out, _THREADS[0])
+        if w.layout == "rows":
+            matmul_rows(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
         else:
             matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])

@@ -32,15 +32,42 @@ F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 0, 1, 2, 3, 6, 8, 12, 14
 # activation formats (what llama.cpp quantises the input vector to: its vec_dot_type)
 ACT_F32, ACT_F16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3, 4
 
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q8_0: "Q8_0",
-              Q4_K: "Q4_K", Q6_K: "Q6_K"}
-# qtype -> (elements per block, bytes per block)
-BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22),
-         Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210)}
-# qtype -> (activation format, sub-block size S of the weight scales, activation block size A)
-DOT = {F32: (ACT_F32, 32, 32), F16: (ACT_F16, 32, 32), Q4_0: (ACT_Q8_0, 32, 32),
-       Q4_1: (ACT_Q8_1, 32, 32), Q5_0: (ACT_Q8_0, 32, 32), Q8_0: (ACT_Q8_0, 32, 32),
-       Q4_K: (ACT_Q8_K, 32, 256), Q6_K: (ACT_Q8_K, 16, 256)}
+
+@dataclass(frozen=True)
+class QType:
+    """One GGUF weight type: its block, the activation format llama.cpp quantises the input to
+    for it (its vec_dot_type), and how edgert holds it."""
+    id: int            # ggml type id
+    name: str
+    block: int         # elements per block
+    block_bytes: int   # bytes per block in GGUF
+    act: int           # activation format (ACT_*)
+    S: int             # sub-block size of the weight scales (the activation's sums are per S)
+    A: int             # activation block size (one scale per A)
+    repacked_bpb: int  # bytes per block after repacking (fp16 scales -> float32, K-quant scales unpacked)
+    kquant: bool       # a K-quant (super-blocks of 256)
+    rows: bool         # has the integer row-layout kernels of kernels/simd.py
+
+
+QTYPES = (
+    QType(F32, "F32", 1, 4, ACT_F32, 32, 32, 4, False, False),
+    QType(F16, "F16", 1, 2, ACT_F16, 32, 32, 4, False, False),
+    QType(Q4_0, "Q4_0", 32, 18, ACT_Q8_0, 32, 32, 20, False, True),
+    QType(Q4_1, "Q4_1", 32, 20, ACT_Q8_1, 32, 32, 24, False, True),
+    QType(Q5_0, "Q5_0", 32, 22, ACT_Q8_0, 32, 32, 24, False, True),
+    QType(Q8_0, "Q8_0", 32, 34, ACT_Q8_0, 32, 32, 36, False, True),
+    QType(Q4_K, "Q4_K", 256, 144, ACT_Q8_K, 32, 256, 152, True, True),
+    QType(Q6_K, "Q6_K", 256, 210, ACT_Q8_K, 16, 256, 212, True, True),
+)
+QTYPE = {q.id: q for q in QTYPES}
+QTYPE_BY_NAME = {q.name: q for q in QTYPES}
+# views of the table used across the code base
+TYPE_NAMES = {q.id: q.name for q in QTYPES}
+BLOCK = {q.id: (q.block, q.block_bytes) for q in QTYPES}                # qtype -> (elements, bytes) per block
+DOT = {q.id: (q.act, q.S, q.A) for q in QTYPES}                        # qtype -> (act format, S, A)
+REPACKED_BPB = {q.id: q.repacked_bpb for q in QTYPES}
+KQUANTS = tuple(q.id for q in QTYPES if q.kquant)
+ROW_TYPES = tuple(q.id for q in QTYPES if q.rows)  # types with a row layout for kernels/simd.py
 
 
 @dataclass(frozen=True)
@@ -73,17 +100,10 @@ class QMatrix:
 TILE = 64  # rows per tile
 
 
-# bytes per block after repacking (fp16 scales and F16 weights become float32, K-quant scales unpack)
-REPACKED_BPB = {F32: 4, F16: 4, Q4_0: 20, Q4_1: 24, Q5_0: 24, Q8_0: 36, Q4_K: 152, Q6_K: 212}
-
-
-ROW_TYPES = (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)  # types with a row layout for kernels/simd.py
-
-
 def layout_for(qtype: int) -> str:
     """The layout a matrix of this type is repacked to on this machine."""
-    from edgert.kernels.simd import available
-    return "rows" if qtype in ROW_TYPES and available() else "tiles"
+    from edgert.kernels.isa import current
+    return "rows" if qtype in ROW_TYPES and current().layout == "rows" else "tiles"
 
 
 def repacked_nbytes(qtype: int, rows: int, cols: int, layout: str | None = None) -> int:
@@ -286,7 +306,7 @@ def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = CHUNK_ROWS) ->
 
 def dequantize_row(w: QMatrix, r: int, out: np.ndarray):
     """Row r of a QMatrix -> float32 out[C], bit-exact with gguf.quants.dequantize."""
-    if w.layout == "rows" and w.qtype in (Q4_K, Q6_K):
+    if w.layout == "rows" and w.qtype in KQUANTS:
         _dequantize_row_rows_k(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, r, out)
     elif w.layout == "rows":
         _dequantize_row_rows(w.qtype, w.qs, w.qh, w.d, w.m, r, out)

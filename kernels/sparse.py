@@ -20,7 +20,7 @@ import numba as nb
 import numpy as np
 
 from edgert.kernels.activation import act_scalar
-from edgert.kernels.simd import _dot, kdot_q4_K, kdot_q6_K
+from edgert.kernels.simd import dot
 
 @nb.njit(cache=True, nogil=True, inline="always")
 def _row_dot(qtype, base, lay, f, r, px, pxd, pxs, nblk, tmp):
@@ -31,11 +31,7 @@ def _row_dot(qtype, base, lay, f, r, px, pxd, pxs, nblk, tmp):
     psc = base + lay[2 * f + 4] + r * lay[2 * f + 5]
     pd = base + lay[2 * f + 6] + r * lay[2 * f + 7]
     pm = base + lay[2 * f + 8] + r * lay[2 * f + 9]
-    if qtype == 12:
-        return kdot_q4_K(pq, psc, pd, pm, px, pxd, pxs, nblk, 0)
-    if qtype == 14:
-        return kdot_q6_K(pq, ph, psc, pd, px, pxd, pxs, nblk, 0)
-    _dot(qtype, 1, pq, ph, pd, pm, px, pxd, pxs, nblk, 0, 0, tmp.ctypes.data, 0)
+    dot(qtype, 1, False, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, 0, 0, 0, tmp.ctypes.data, 0)
     return tmp[0]
 
 

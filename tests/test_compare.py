@@ -14,7 +14,7 @@ def _model(tmp_path, mtype):
 @pytest.mark.llama
 def test_every_tensor_identical_where_the_kernels_are_llama_cpps(llama_cpp, tmp_path):
     from edgert.compare import compare
-    from edgert.kernels.simd import available
+    from edgert.kernels.isa import row_kernels as available
     if not available():
         pytest.skip("needs the AVX2 row-layout kernels")
     rows = compare(_model(tmp_path, 3), np.arange(3, 19), n_ctx=64)

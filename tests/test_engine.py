@@ -53,7 +53,7 @@ def test_bit_identical_logits_with_llama_cpp(arch, mtype, llama_cpp, tmp_path):
     bit-identical over 6 layers: for two batches (6 tokens, then 16: below and above its size
     thresholds) and token by token."""
     from edgert.converters.tiny import write_tiny_gguf
-    from edgert.kernels.simd import available
+    from edgert.kernels.isa import row_kernels as available
     if not available():
         pytest.skip("needs the AVX2 row-layout kernels")
     types = {k: mtype for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output")}

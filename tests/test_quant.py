@@ -8,7 +8,7 @@ from edgert.converters.tiny import random_blocks
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls, quantize_for
 from edgert.kernels.quant import (DOT, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, ROW_TYPES, TYPE_NAMES,
                                   dequantize, mmap_chunks, repack, repack_chunked, repacked_nbytes, round_f16)
-from edgert.kernels.simd import available
+from edgert.kernels.isa import row_kernels as available
 
 ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K]
 # (qtype, layout): every type tiled, and the row layout of kernels/simd.py where this CPU runs it

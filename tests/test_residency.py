@@ -33,10 +33,10 @@ def test_release_keeps_results_and_drops_only_clean_pages(tiny_models):
 
 
 def test_unneeded_kernels_follow_the_model():
-    from edgert.kernels.simd import available
+    from edgert.kernels.isa import row_kernels
     silu_rows = residency.unneeded_kernels({3, 8}, "silu")          # SmolLM2: Q4_1 + Q8_0
-    assert {"geglu", "matmul_rows_k"} <= silu_rows and "swiglu" not in silu_rows
-    assert ("matmul_q" in silu_rows) == available()                 # tiles only without AVX2
+    assert {"geglu", "_dequantize_row_rows_k"} <= silu_rows and "swiglu" not in silu_rows
+    assert ("matmul_q" in silu_rows) == row_kernels()               # tiles only without an x86 ISA
     gelu_k = residency.unneeded_kernels({6, 8, 12, 14}, "gelu")     # Gemma3: Q5_0, Q8_0, K-quants
-    assert "swiglu" in gelu_k and "geglu" not in gelu_k and "matmul_rows_k" not in gelu_k
+    assert "swiglu" in gelu_k and "geglu" not in gelu_k and "_dequantize_row_rows_k" not in gelu_k
     assert "matmul_q" not in residency.unneeded_kernels({1, 8}, "silu")  # F16 matrices use tiles

@@ -1,0 +1,128 @@
+"""The instruction sets edgert's kernels target, chosen once at start-up from the CPU.
+
+Each quantised dot product is two stages: an integer stage (the products of a block's 8-bit
+values summed into 32-bit lanes: exact, so any instruction and any order give the same integers)
+and a float stage (lanes converted, scaled, accumulated and summed: the order decides the last
+bits). The ISA picks the integer stage; the mode picks the float stage:
+
+    exact  llama.cpp's AVX2 float order: logits bit-identical with its x86 build (the default)
+    fast   an order of our own where it is cheaper (docs/kernels.md measures what it changes)
+
+The table below is data: a name, the machines and LLVM CPU features it needs, the weight layout
+its kernels read ("rows": kernels/simd.py, GGUF blocks one row after another; "tiles":
+kernels/matmul.py's portable float loops), and whether its kernels are built in this release.
+`EDGERT_ISA` overrides the choice (an ISA the CPU lacks is an error, not a silent fallback), and
+`EDGERT_MODE` the mode.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+
+from edgert.errors import EdgertError
+
+
+@dataclass(frozen=True)
+class ISA:
+    name: str
+    machines: tuple[str, ...]   # platform.machine() values it runs on (empty: any)
+    features: tuple[str, ...]   # LLVM host CPU features it needs
+    layout: str                 # weight layout its kernels read: "rows" or "tiles"
+    vector_bits: int            # widest vector its kernels use
+    built: bool                 # kernels exist in this release
+    variant: int                # the integer kernels branch on this (kernels/simd.py)
+    about: str
+
+
+X86 = ("x86_64", "AMD64")
+ARM = ("aarch64", "arm64")
+
+# best first: the first built ISA the CPU supports is the default
+ISAS = (
+    ISA("avx512vnni", X86, ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"), "rows", 256, True, 1,
+        "AVX2 kernels with the integer stage in VNNI (vpdpbusd on 256-bit vectors)"),
+    ISA("avx2", X86, ("avx2", "fma"), "rows", 256, True, 0,
+        "llama.cpp's AVX2 kernels transcribed to LLVM IR (pmaddubsw / pmaddwd)"),
+    ISA("neon-dotprod", ARM, ("neon", "dotprod"), "rows", 128, False, 2,
+        "Arm NEON with sdot (not built yet: Arm runs the portable kernels)"),
+    ISA("portable", (), (), "tiles", 0, True, -1,
+        "Numba float loops on a transposed tile layout (any CPU, and NUMBA_DISABLE_JIT)"),
+)
+BY_NAME = {i.name: i for i in ISAS}
+MODES = ("exact", "fast")
+
+
+def cpu_features() -> set[str]:
+    """LLVM's feature names the host CPU has (the ones Numba compiles for)."""
+    from llvmlite import binding as llb
+    return {f[1:] for f in llb.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
+
+
+def supported(isa: ISA, machine: str | None = None, features: set[str] | None = None) -> bool:
+    """Whether this CPU (or the given machine and features) can run isa's kernels."""
+    import numba as nb
+    if isa.name == "portable":
+        return True
+    if nb.config.DISABLE_JIT:
+        return False
+    machine = machine or platform.machine()
+    features = cpu_features() if features is None else features
+    return machine in isa.machines and all(f in features for f in isa.features)
+
+
+def detect() -> ISA:
+    """The best built ISA this CPU supports."""
+    return next(i for i in ISAS if i.built and supported(i))
+
+
+@functools.lru_cache(maxsize=None)
+def current() -> ISA:
+    """The ISA the kernels use in this process: EDGERT_ISA if set (checked), else detect().
+    EDGERT_SIMD=0 (the older switch) means portable."""
+    from edgert.settings import env
+    want = env("EDGERT_ISA")
+    if not want and env("EDGERT_SIMD") == "0":
+        want = "portable"
+    if not want or want == "auto":
+        return detect()
+    isa = BY_NAME.get(want)
+    if isa is None:
+        raise EdgertError(f"EDGERT_ISA={want}: unknown instruction set (one of: auto, {', '.join(BY_NAME)})")
+    if not isa.built:
+        raise EdgertError(f"EDGERT_ISA={want}: {isa.about}")
+    if not supported(isa):
+        raise EdgertError(f"EDGERT_ISA={want}: this CPU ({platform.machine()}) lacks "
+                        f"{', '.join(f for f in isa.features if f not in cpu_features()) or 'the JIT'}")
+    return isa
+
+
+@functools.lru_cache(maxsize=None)
+def mode() -> str:
+    """exact or fast (EDGERT_MODE); fast falls back to exact where an ISA has no fast kernels."""
+    from edgert.settings import env
+    m = env("EDGERT_MODE")
+    if m not in MODES:
+        raise EdgertError(f"EDGERT_MODE={m}: unknown mode (one of: {', '.join(MODES)})")
+    return m
+
+
+def variant() -> int:
+    """The integer the row-layout kernels branch on: the ISA's variant, + 16 in fast mode."""
+    return current().variant + (16 if mode() == "fast" else 0)
+
+
+def describe() -> str:
+    """One line for `devices show host`, bench rows and traces, e.g. 'avx512vnni/exact'."""
+    return f"{current().name}/{mode()}"
+
+
+def reset():
+    """Forget the cached choice (tests that set EDGERT_ISA / EDGERT_MODE)."""
+    current.cache_clear()
+    mode.cache_clear()
+
+
+def row_kernels() -> bool:
+    """Whether matrices are held in the row layout of kernels/simd.py (an x86 ISA chosen)."""
+    return current().layout == "rows"
