@@ -463,7 +463,7 @@ def _call_ir(context, builder, name: str, text: str, args):
 
 def _make(qtype: int, nt: int, kmode: int = 0):
     text = ir_text(qtype, nt, kmode)
-    name = fn_name(qtype, nt, kmode)
+    name = text[text.index("define void @") + 13:text.index("(i64 %qs_a")]
 
     @intrinsic
     def vecdot(typingctx, qs, qh, sc, d, m, x, xd, xs, nblk, xstride, xdstride, xsstride, out, ostride):
@@ -559,6 +559,7 @@ def matmul_rows(qtype, qs, qh, sc, d, m, x8, xd, xsum, out, nthreads):
                     t = t0
                     while t < t_hi:
                         nt = 4 if t + 4 <= t_hi else 1
-                        dot(qtype, nt, tiled, pq, ph, psc, pd, pm, x8.ctypes.data + t * xs, xd.ctypes.data + t * ds * 4,
-                            xsum.ctypes.data + t * ss * 4, nblk, xs, ds, ss, out.ctypes.data + (t * os_ + r) * 4, os_)
+                        px, pxd, pxs = x8.ctypes.data + t * xs, xd.ctypes.data + t * ds * 4, xsum.ctypes.data + t * ss * 4
+                        po = out.ctypes.data + (t * os_ + r) * 4
+                        dot(qtype, nt, tiled, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, po, os_)
                         t += nt

@@ -101,3 +101,16 @@ def test_swiglu_geglu(rng):
     gel = 0.5 * gh * (1 + np.tanh(np.sqrt(2 / np.pi) * gh * (1 + 0.044715 * gh * gh)))
     gel = np.where(g <= -10, 0, np.where(g >= 10, g, f16(gel)))
     assert np.allclose(out, gel * u, rtol=1e-3, atol=1e-4)
+
+
+def test_swiglu_fast_loop_equals_the_scalar_silu_bit_for_bit(rng):
+    """swiglu's vectorised loop (expf's usual case) and its slow-path row (a gate beyond ~87
+    in magnitude) both give the scalar silu(g) * u of ggml's expf exactly."""
+    from edgert.kernels.activation import silu
+    g = (rng.standard_normal((2, 300)) * 6).astype(np.float32)
+    g[1, 7], g[1, 8] = -100.0, 95.0  # expf's slow path (overflow / underflow scaling)
+    u = rng.standard_normal((2, 300)).astype(np.float32)
+    out = np.empty_like(g)
+    swiglu(g, u, out)
+    ref = np.array([[np.float32(silu(a)) * b for a, b in zip(gr, ur)] for gr, ur in zip(g, u)], np.float32)
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
