@@ -16,8 +16,8 @@ import numba as nb
 import numpy as np
 
 from edgert.kernels.fmath import fma32
-from edgert.kernels.quant import DOT, KQUANTS, Q4_K, Q6_K, TILE, QMatrix, quantize_act_row
-from edgert.kernels.simd import matmul_rows
+from edgert.kernels.quant import DOT, Q4_K, Q6_K, ROW_LAYOUTS, TILE, QMatrix, quantize_act_row
+from edgert.kernels.simd import gemv8, matmul_rows
 
 TT = 4  # tokens per tile: weights of a block are reused TT times from L1
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -321,7 +321,7 @@ def quantize_for(w: QMatrix, x: np.ndarray, buf: ActBuffers):
     key = (T, K, A, S, w.layout)
     v = buf.views.get(key)
     if v is None:
-        q = buf.x8 if w.layout == "rows" else buf.xq
+        q = buf.x8 if w.layout in ROW_LAYOUTS else buf.xq
         v = buf.views[key] = (q[:T * K].reshape(T, K), buf.xd[:T * (K // A)].reshape(T, K // A),
                               buf.xs[:T * (K // S)].reshape(T, K // S))
     xq, xd, xs = v
@@ -343,7 +343,9 @@ def matmuls(x: np.ndarray, pairs, buf: ActBuffers):
         if done != (DOT[w.qtype], w.layout):
             xq, xd, xs = quantize_for(w, x, buf)
             done = (DOT[w.qtype], w.layout)
-        if w.layout == "rows":
-            matmul_rows(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
+        if w.layout == "rows8" and x.shape[0] < TT:
+            gemv8(w.qs, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
+        elif w.layout in ROW_LAYOUTS:
+            matmul_rows(w.qtype, w.layout == "rows8", w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
         else:
             matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])

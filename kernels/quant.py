@@ -81,7 +81,7 @@ class QMatrix:
     sc: np.ndarray
     d: np.ndarray
     m: np.ndarray
-    layout: str = "tiles"  # or "rows" (kernels/simd.py: Q4_0 / Q5_0 / Q8_0 where the CPU has AVX2)
+    layout: str = "tiles"  # or "rows" / "rows8" (kernels/simd.py, where an x86 ISA is chosen)
 
     @cached_property
     def nbytes(self) -> int:
@@ -92,24 +92,40 @@ class QMatrix:
 
     def row_slice(self, r0: int, r1: int) -> "QMatrix":
         """Rows r0:r1 (multiples of TILE, or r1 = rows) as a QMatrix of views."""
-        u = 1 if self.layout == "rows" else TILE
+        u = ROWS_PER_INDEX[self.layout]
         return QMatrix(self.qtype, r1 - r0, self.cols, *(a[r0 // u:-(-r1 // u)] for a in self.arrays()),
                        self.layout)
 
 
 TILE = 64  # rows per tile
+G8 = 8     # rows interleaved per group in the "rows8" layout
+# rows of the matrix per leading index of its arrays, by layout
+ROWS_PER_INDEX = {"tiles": TILE, "rows": 1, "rows8": G8}
+ROW_LAYOUTS = ("rows", "rows8")  # the layouts of kernels/simd.py (int8 activations)
 
 
-def layout_for(qtype: int) -> str:
-    """The layout a matrix of this type is repacked to on this machine."""
+def layout_for(qtype: int, rows: int | None = None) -> str:
+    """The layout a matrix of this type (and row count) is repacked to on this machine: Q4_K as
+    "rows8" where the rows come in whole groups of 8 (its decode kernel reads 8 rows a step),
+    other row types as "rows", where an x86 ISA is chosen; else "tiles"."""
     from edgert.kernels.isa import current
-    return "rows" if qtype in ROW_TYPES and current().layout == "rows" else "tiles"
+    if qtype not in ROW_TYPES or current().layout != "rows":
+        return "tiles"
+    return "rows8" if qtype == Q4_K and (rows is None or rows % G8 == 0) else "rows"
+
+
+def interleave8(a: np.ndarray, nb_: int) -> np.ndarray:
+    """Per-row fields [R, nb * k] -> the rows8 layout [R / 8, nb * 8 * k]: for each group of 8
+    rows, block b of the 8 rows one after another (a decode step reads one contiguous piece)."""
+    R, w = a.shape
+    k = w // nb_ if nb_ else 0
+    return np.ascontiguousarray(a.reshape(R // G8, G8, nb_, k).transpose(0, 2, 1, 3)).reshape(R // G8, nb_ * G8 * k)
 
 
 def repacked_nbytes(qtype: int, rows: int, cols: int, layout: str | None = None) -> int:
     """Resident bytes of a repacked [rows, cols] matrix (tiles: rows padded to whole tiles)."""
     epb, _ = BLOCK[qtype]
-    if (layout or layout_for(qtype)) == "rows":
+    if (layout or layout_for(qtype, rows)) in ROW_LAYOUTS:
         return rows * (cols // epb) * REPACKED_BPB[qtype]
     return -(-rows // TILE) * TILE * (cols // epb) * REPACKED_BPB[qtype]
 
@@ -198,7 +214,13 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int, layout: str | None
     raw = np.asarray(raw, dtype=np.uint8)
     if raw.size != rows * nb_ * bpb:
         raise ValueError(f"expected {rows * nb_ * bpb} bytes, got {raw.size}")
-    if (layout or layout_for(qtype)) == "rows":
+    layout = layout or layout_for(qtype, rows)
+    if layout == "rows8":
+        if rows % G8:
+            raise ValueError(f"the rows8 layout needs whole groups of {G8} rows, not {rows}")
+        q = _repack_rows(qtype, raw.reshape(rows, nb_, bpb), rows, cols)
+        return QMatrix(qtype, rows, cols, *(interleave8(a, nb_) for a in q.arrays()), "rows8")
+    if layout == "rows":
         return _repack_rows(qtype, raw.reshape(rows, nb_, bpb), rows, cols)
     nt = (rows + TILE - 1) // TILE
     e8 = np.zeros((nt, 0, TILE), np.uint8)
@@ -248,8 +270,8 @@ def repack_chunked(qtype: int, rows: int, cols: int, chunks, layout: str | None 
     """repack() a tensor a few thousand rows at a time, from an iterator of (r0, r1, bytes)
     chunks in order (chunk starts a multiple of TILE), into the final arrays: loading a large
     matrix (an embedding table) needs only a small transient buffer."""
-    layout = layout or layout_for(qtype)
-    unit = 1 if layout == "rows" else TILE  # rows of the matrix per leading index of its arrays
+    layout = layout or layout_for(qtype, rows)
+    unit = ROWS_PER_INDEX[layout]
     out = None
     for r0, r1, raw in chunks:
         assert r0 % TILE == 0
@@ -306,7 +328,13 @@ def repack_staging_bytes(qtype: int, cols: int, chunk_rows: int = CHUNK_ROWS) ->
 
 def dequantize_row(w: QMatrix, r: int, out: np.ndarray):
     """Row r of a QMatrix -> float32 out[C], bit-exact with gguf.quants.dequantize."""
-    if w.layout == "rows" and w.qtype in KQUANTS:
+    if w.layout == "rows8":  # one row's fields taken out of its group
+        g, lane = divmod(r, G8)
+        nb_ = w.d.shape[1] // G8
+        qs, qh, sc, d, m = (a[g].reshape(nb_, G8, -1)[:, lane].reshape(1, -1) if a.size else a[:1]
+                            for a in w.arrays())
+        _dequantize_row_rows_k(w.qtype, qs, qh, sc, d, m, 0, out)
+    elif w.layout == "rows" and w.qtype in KQUANTS:
         _dequantize_row_rows_k(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, r, out)
     elif w.layout == "rows":
         _dequantize_row_rows(w.qtype, w.qs, w.qh, w.d, w.m, r, out)

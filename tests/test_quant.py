@@ -12,13 +12,13 @@ from edgert.kernels.isa import row_kernels as available
 
 ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K]
 # (qtype, layout): every type tiled, and the row layout of kernels/simd.py where this CPU runs it
-CASES = [(t, "tiles") for t in ALL] + [(t, "rows") for t in ROW_TYPES]
+CASES = [(t, "tiles") for t in ALL] + [(t, "rows") for t in ROW_TYPES] + [(Q4_K, "rows8")]
 CASE_IDS = [f"{TYPE_NAMES[t]}-{lay}" for t, lay in CASES]
 
 
 @pytest.fixture(autouse=True)
 def _needs_simd(request):
-    if "layout" in request.fixturenames and request.getfixturevalue("layout") == "rows" and not available():
+    if "layout" in request.fixturenames and request.getfixturevalue("layout") != "tiles" and not available():
         pytest.skip("row-layout kernels need an x86 CPU with AVX2 and the JIT")
 
 
@@ -29,7 +29,7 @@ def _raw(qtype, rows, cols, rng):
 
 @pytest.mark.parametrize("qtype,layout", CASES, ids=CASE_IDS)
 def test_dequantize_bit_exact_vs_gguf(qtype, layout, rng):
-    rows, cols = 7, 512
+    rows, cols = (16 if layout == "rows8" else 7), 512
     data, raw = _raw(qtype, rows, cols, rng)
     ref = gguf.quants.dequantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType(qtype)).reshape(rows, cols)
     got = dequantize(repack(qtype, raw, rows, cols, layout))
@@ -38,7 +38,7 @@ def test_dequantize_bit_exact_vs_gguf(qtype, layout, rng):
 
 @pytest.mark.parametrize("qtype,layout", CASES, ids=CASE_IDS)
 def test_chunked_repack_equals_repack_and_planned_size(qtype, layout, rng):
-    rows, cols = 300, 256  # 300 rows: chunks of 128 leave a partial last chunk and tile
+    rows, cols = 296, 256  # chunks of 128 leave a partial last chunk and tile (whole groups of 8)
     _, raw = _raw(qtype, rows, cols, rng)
     released = []
     whole = repack(qtype, raw, rows, cols, layout)
@@ -111,7 +111,7 @@ def test_activation_quantisation_matches_llama_cpp_reference(qtype, rng):
 def test_matmul_vs_naive(qtype, layout, T, rng):
     """Kernel = dequantised weights @ dequantised activations (float64), up to float32 rounding.
     T = 70 crosses the row-layout kernel's 64-token groups and its 4-token calls."""
-    R, C = 37, 512
+    R, C = (40 if layout == "rows8" else 37), 512
     w = repack(qtype, _raw(qtype, R, C, rng)[1], R, C, layout)
     x = rng.standard_normal((T, C)).astype(np.float32)
     buf = ActBuffers(T, C)
@@ -123,7 +123,7 @@ def test_matmul_vs_naive(qtype, layout, T, rng):
     ref = xdeq @ dequantize(w).astype(np.float64).T
     if qtype == Q4_1:  # the min term uses llama.cpp's stored s = fp16(d * sum(q)), not xd * sum(q)
         xsum = xdeq.reshape(T, -1, 32).sum(2)                    # [T, nb]
-        m_rows = (w.m.T if layout == "rows" else w.m.transpose(1, 0, 2).reshape(w.m.shape[1], -1)[:, :R])  # [nb, R]
+        m_rows = (w.m.T if layout != "tiles" else w.m.transpose(1, 0, 2).reshape(w.m.shape[1], -1)[:, :R])  # [nb, R]
         ref += (xs.astype(np.float64) - xsum) @ m_rows.astype(np.float64)
     assert np.allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     # and the activation quantisation itself is close to the float product
@@ -204,3 +204,20 @@ def test_row_and_tile_layouts_agree(qtype, rng):
         matmul(repack(qtype, raw, R, C, layout), x, y, ActBuffers(T, C))
         ys.append(y)
     assert np.max(np.abs(ys[0] - ys[1])) <= 8 * np.finfo(np.float32).eps * np.max(np.abs(ys[0]))
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 9, 70])
+def test_rows8_gives_the_row_layouts_results_bit_for_bit(T, rng):
+    """Q4_K in the rows8 layout (decode: 8 rows a step, lanes = rows; prefill: the row kernels
+    with interleaved strides) runs each row's float chain unchanged."""
+    if not available():
+        pytest.skip("row-layout kernels need an x86 CPU with AVX2 and the JIT")
+    R, C = 96, 1024
+    _, raw = _raw(Q4_K, R, C, rng)
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    ys = []
+    for layout in ("rows", "rows8"):
+        y = np.empty((T, R), np.float32)
+        matmul(repack(Q4_K, raw, R, C, layout), x, y, ActBuffers(T, C))
+        ys.append(y)
+    assert np.array_equal(ys[0].view(np.uint32), ys[1].view(np.uint32))
