@@ -13,7 +13,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64
 export NUMBA_CACHE_DIR ?= $(CACHE)/numba
 PROMPT ?= The three most useful things to know about running language models on a phone are
 
-.PHONY: setup run test warmup models bench clean
+.PHONY: setup run test test-nojit warmup models bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,11 @@ run: setup
 
 test: setup models $(FIXTURES)/.done-2
 	EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q tests
+
+# the kernel tests with the JIT off (STYLE.md): the portable kernels as plain Python, checked
+# against the same references; intrinsics run through their Python stand-ins (kernels/quant.py)
+test-nojit: setup $(FIXTURES)/.done-2
+	NUMBA_DISABLE_JIT=1 EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q -p no:warnings tests/test_quant.py tests/test_kernels.py tests/test_fmath.py
 
 bench: setup
 	$(BIN)/edgert bench -m smollm2-135m,qwen2.5-coder-0.5b -t 2 --baseline llama.cpp

@@ -43,6 +43,9 @@ def build_parser():
                                                  "(auto, dense, stream, sparse)")
     p.add_argument("--sparsity", default=None, help="sparse FFN sparsities, comma-separated (package levels)")
     p.add_argument("--selector", default="predictor", help="sparse FFN selectors, comma-separated (predictor, gate)")
+    p.add_argument("--isa", default="auto", help="edgert kernel instruction sets to run, comma-separated "
+                   "(auto, avx512vnni, avx2, portable: kernels/isa.py); each row names the one it ran")
+    p.add_argument("--mode", default="exact", help="edgert kernel modes, comma-separated (exact, fast)")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON rows to FILE")
     p.add_argument("--png", default=None, metavar="FILE",
                    help="with several --mem-budget values: tok/s against the budget, per engine, as a PNG")
@@ -132,12 +135,21 @@ def main(argv) -> int:
     ll_kv = (("type_k", kv.type_k if kv.type_k in LLAMA_TYPES else "f16"),
              ("type_v", kv.type_v if kv.type_v in LLAMA_TYPES else "f16"))
 
+    from edgert.kernels import isa as isa_mod
+    kernel_choices = []
+    for name in [x.strip() for x in args.isa.split(",") if x.strip()]:
+        for mode in [x.strip() for x in args.mode.split(",") if x.strip()]:
+            chosen = isa_mod.resolve(name, mode)  # checked here: a bad name fails before any worker starts
+            kernel_choices.append((("isa", chosen.name), ("mode", mode)))
+
     def variants(path):
         vs = []
-        for f in ffns:
-            for sp in (sps if f == "sparse" else [None]):
-                for sel in (sels if f == "sparse" else [None]):
-                    vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel), ("kv", kv))))
+        for kc in kernel_choices:
+            for f in ffns:
+                for sp in (sps if f == "sparse" else [None]):
+                    for sel in (sels if f == "sparse" else [None]):
+                        vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel),
+                                                           ("kv", kv)) + kc))
         if args.baseline:
             vs.append(Variant(args.baseline, sources[path], ll_kv))
         return vs

@@ -27,6 +27,11 @@ def show(prof) -> None:
         ("access", f"{prof.access} {prof.address}".strip() + f", temp dir {prof.temp_dir}"),
         ("file", prof.path),
     ]
+    if prof.name == "host":  # the kernels this machine runs (kernels/isa.py)
+        from edgert.kernels import isa
+        has = [i.name for i in isa.ISAS if i.built and isa.supported(i)]
+        rows.insert(5, ("kernels", f"{isa.describe()}: {isa.current().about}; this CPU runs: {', '.join(has)} "
+                                   "(EDGERT_ISA, EDGERT_MODE)"))
     for k, v in rows:
         print(f"{k:<20} {v}")
     print("sources:")

@@ -77,6 +77,8 @@ def main(argv) -> int:
     err(f"{'peak RSS':>16} = {peak_rss() / 2**20:10.1f} MiB (weights {model.weight_bytes / 2**20:.1f} MiB, "
         f"KV cache {model.kv_bytes / 2**20:.1f} MiB)")
     err(f"{'memory budget':>16} = {model.budget.summary()}")
+    from edgert.kernels import isa
+    err(f"{'kernels':>16} = {isa.describe()} ({isa.current().about})")
     h = model.kv.histogram(model.n_past)
     err(f"{'KV cache':>16} = {model.kv.describe()}; in use at {model.n_past} positions: "
         + ", ".join(f"{k} {v}" for k, v in h.items() if k != "bits_in_use") + f" ({h['bits_in_use']:.2f} bits per value)")

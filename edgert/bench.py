@@ -201,7 +201,17 @@ class Worker:
         self.conn, child = ctx.Pipe()
         self.p = ctx.Process(target=_worker, args=(child, backend, path, threads, n_ctx, opts or {}, cap_path),
                              daemon=True)
-        self.p.start()
+        env = {"EDGERT_ISA": (opts or {}).get("isa"), "EDGERT_MODE": (opts or {}).get("mode")}
+        saved = {k: os.environ.get(k) for k in env}
+        try:  # the kernels' choice is made when they are imported: the worker inherits it at spawn
+            os.environ.update({k: v for k, v in env.items() if v})
+            self.p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         self._expect("ready")
 
@@ -240,6 +250,8 @@ class Variant:
     def label(self) -> str:
         o = dict(self.opts)
         extra = [f"{k}={v}" for k, v in o.items() if k in ("ffn", "sparsity", "selector") and v not in (None, "auto")]
+        if "isa" in o:  # the kernels it ran
+            extra = [f"{o['isa']}/{o['mode']}"] + extra
         return self.backend + (f" ({', '.join(extra)})" if extra else "")
 
 

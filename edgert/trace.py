@@ -85,8 +85,11 @@ class Tracer:
 
     def chrome_events(self) -> list[dict]:
         """Trace Event Format: ph X spans, ph C counters, ph M thread / process names."""
+        from edgert.kernels import isa
         ev = [{"ph": "M", "name": "process_name", "pid": self.pid, "tid": 0, "ts": 0,
-               "args": {"name": "edgert"}}]
+               "args": {"name": "edgert"}},
+              {"ph": "M", "name": "process_labels", "pid": self.pid, "tid": 0, "ts": 0,
+               "args": {"labels": f"kernels {isa.describe()}"}}]
         ev += [{"ph": "M", "name": "thread_name", "pid": self.pid, "tid": tid, "ts": 0,
                 "args": {"name": nm}} for tid, nm in self.threads.items()]
         for sp in self.spans:

@@ -12,7 +12,9 @@ import numba
 _here = Path(__file__).parent
 _digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_here.glob("*.py")))).hexdigest()[:12]
 _base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "edgert", "numba")
-_choice = f"{os.environ.get('EDGERT_ISA') or 'auto'}-{os.environ.get('EDGERT_MODE') or 'exact'}"
+_isa = os.environ.get("EDGERT_ISA") or "auto"
+_mode = os.environ.get("EDGERT_MODE") or "exact"
+_choice = f"{_isa if _isa.isidentifier() or '-' in _isa else 'auto'}-{_mode if _mode.isalpha() else 'exact'}"
 if os.environ.get("EDGERT_SIMD") == "0":
     _choice = "simd0-" + _choice
 numba.config.CACHE_DIR = os.path.join(_base, f"{_digest}-{''.join(c for c in _choice if c.isalnum() or c in '-_')}")

@@ -13,9 +13,25 @@ import numpy as np
 from numba.core import types
 from numba.extending import intrinsic
 
-from edgert.kernels.quant import _f32_to_u32, _u32_to_f32
+from edgert.kernels.quant import _f32_to_u32, _python_under_disable_jit, _u32_to_f32
 
 
+def _fma32_python(a, b, c):
+    """a * b + c rounded once to float32 (exact rational arithmetic, then the nearest float32,
+    ties to even): NUMBA_DISABLE_JIT's stand-in for the fused multiply-add."""
+    from fractions import Fraction
+    a, b, c = np.float32(a), np.float32(b), np.float32(c)
+    if not (np.isfinite(a) and np.isfinite(b) and np.isfinite(c)):
+        return np.float32(a * b + c)
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    v = np.float32(float(exact))
+    if not np.isfinite(v):
+        return v
+    cands = (np.nextafter(v, np.float32(-np.inf)), v, np.nextafter(v, np.float32(np.inf)))
+    return min(cands, key=lambda x: (abs(Fraction(float(x)) - exact), int(np.array(x).view(np.uint32)) & 1))
+
+
+@_python_under_disable_jit(_fma32_python)
 @intrinsic
 def fma32(typingctx, a, b, c):
     """a * b + c in float32 with one rounding (llvm.fma.f32; vfmadd on x86)."""

@@ -82,17 +82,24 @@ def current() -> ISA:
     EDGERT_SIMD=0 (the older switch) means portable."""
     from edgert.settings import env
     want = env("EDGERT_ISA")
-    if not want and env("EDGERT_SIMD") == "0":
+    if want == "auto" and env("EDGERT_SIMD") == "0":
         want = "portable"
+    return resolve(want)
+
+
+def resolve(want: str, mode_: str = "exact") -> ISA:
+    """The ISA a name asks for on this CPU ("auto": detect()), or a clear error; mode_ checked too."""
+    if mode_ not in MODES:
+        raise EdgertError(f"mode {mode_}: unknown (one of: {', '.join(MODES)})")
     if not want or want == "auto":
         return detect()
     isa = BY_NAME.get(want)
     if isa is None:
-        raise EdgertError(f"EDGERT_ISA={want}: unknown instruction set (one of: auto, {', '.join(BY_NAME)})")
+        raise EdgertError(f"instruction set {want}: unknown (one of: auto, {', '.join(BY_NAME)})")
     if not isa.built:
-        raise EdgertError(f"EDGERT_ISA={want}: {isa.about}")
+        raise EdgertError(f"instruction set {want}: {isa.about}")
     if not supported(isa):
-        raise EdgertError(f"EDGERT_ISA={want}: this CPU ({platform.machine()}) lacks "
+        raise EdgertError(f"instruction set {want}: this CPU ({platform.machine()}) lacks "
                         f"{', '.join(f for f in isa.features if f not in cpu_features()) or 'the JIT'}")
     return isa
 

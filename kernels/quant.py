@@ -475,6 +475,15 @@ def dequantize(w: QMatrix) -> np.ndarray:
 # fp16 rounding (numba has no float16 type)
 # ============================================================================================
 
+def _python_under_disable_jit(py):
+    """With NUMBA_DISABLE_JIT the kernels run as Python and an intrinsic has no Python body:
+    use py, its plain-Python equivalent, instead."""
+    def wrap(intr):
+        return py if nb.config.DISABLE_JIT else intr
+    return wrap
+
+
+@_python_under_disable_jit(lambda x: np.array(x, np.float32).view(np.uint32)[()])
 @intrinsic
 def _f32_to_u32(typingctx, x):
     """Bit pattern of a float32 (LLVM bitcast)."""
@@ -486,6 +495,7 @@ def _f32_to_u32(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
+@_python_under_disable_jit(lambda u: np.array(u, np.uint32).view(np.float32)[()])
 @intrinsic
 def _u32_to_f32(typingctx, u):
     """float32 with bit pattern u (LLVM bitcast)."""

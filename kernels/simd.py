@@ -85,8 +85,13 @@ entry:
 
 @functools.lru_cache(maxsize=None)
 def _vnni_bytes() -> bool:
-    """Whether this LLVM declares vpdpbusd on byte vectors (LLVM 21 on) or on i32 ones (before)."""
-    return llb.llvm_version_info[0] >= 21
+    """Whether this LLVM declares vpdpbusd on byte vectors (newer LLVM) or on i32 ones (older):
+    the verifier rejects the wrong one."""
+    try:
+        llb.parse_assembly("declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <32 x i8>, <32 x i8>)\n").verify()
+        return True
+    except RuntimeError:
+        return False
 
 
 def vnni_decl() -> str:

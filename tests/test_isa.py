@@ -1,0 +1,66 @@
+"""The ISA table (kernels/isa.py): detection, the EDGERT_ISA / EDGERT_MODE overrides and their
+errors, and every ISA and mode this CPU runs checked against the naive references of
+test_quant.py (each in its own process: the choice is made when the kernels are imported)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgert.errors import EdgertError
+from edgert.kernels import isa
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_detect_picks_the_best_built_isa_this_cpu_runs():
+    best = isa.detect()
+    assert best.built and isa.supported(best)
+    ahead = isa.ISAS[:isa.ISAS.index(best)]
+    assert not any(i.built and isa.supported(i) for i in ahead)
+
+
+def test_supported_follows_machine_and_features():
+    vnni, avx2 = isa.BY_NAME["avx512vnni"], isa.BY_NAME["avx2"]
+    zen4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}
+    if isa.supported(isa.BY_NAME["portable"]) and not isa.cpu_features():
+        pytest.skip("no LLVM host features")
+    assert isa.supported(vnni, "x86_64", zen4) and isa.supported(avx2, "x86_64", zen4)
+    assert not isa.supported(vnni, "x86_64", {"avx2", "fma"}) and isa.supported(avx2, "x86_64", {"avx2", "fma"})
+    assert not isa.supported(avx2, "aarch64", zen4)
+    assert isa.supported(isa.BY_NAME["portable"], "riscv64", set())
+
+
+@pytest.mark.parametrize("want,msg", [("sse9", "unknown"), ("neon-dotprod", "not built")])
+def test_a_bad_isa_is_a_clear_error(want, msg):
+    with pytest.raises(EdgertError, match=msg):
+        isa.resolve(want)
+    with pytest.raises(EdgertError, match="unknown"):
+        isa.resolve("auto", "turbo")
+
+
+def test_cli_names_a_bad_isa_without_a_traceback():
+    env = {**os.environ, "EDGERT_ISA": "sse9"}
+    r = subprocess.run([sys.executable, "-m", "edgert", "devices", "show", "host"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "instruction set sse9: unknown" in r.stderr and "Traceback" not in r.stderr
+
+
+def _others():
+    """Every (ISA, mode) this CPU runs besides the default one."""
+    out = [(i.name, m) for i in isa.ISAS if i.built and isa.supported(i)
+           for m in (isa.MODES if i.layout == "rows" else ("exact",))]  # fast: row kernels only
+    return [c for c in out if c != (isa.current().name, isa.mode())]
+
+
+@pytest.mark.parametrize("name,mode", _others(), ids=lambda v: str(v))
+def test_every_isa_and_mode_against_the_naive_references(name, mode):
+    """test_quant.py's kernel tests (matmul against dequantised NumPy, rows8 = rows bit for bit)
+    under another ISA or mode, in a fresh process."""
+    env = {**os.environ, "EDGERT_ISA": name, "EDGERT_MODE": mode}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(ROOT / "tests" / "test_quant.py"), "-k", "matmul or rows8 or layouts_agree"],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
