@@ -17,7 +17,7 @@ import numpy as np
 
 from edgert.kernels.fmath import fma32
 from edgert.kernels.quant import DOT, Q4_K, Q6_K, ROW_LAYOUTS, TILE, QMatrix, quantize_act_row
-from edgert.kernels.simd import gemv8, matmul_rows
+from edgert.kernels.simd import matmul_rows, matmul_rows8
 
 TT = 4  # tokens per tile: weights of a block are reused TT times from L1
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -343,9 +343,9 @@ def matmuls(x: np.ndarray, pairs, buf: ActBuffers):
         if done != (DOT[w.qtype], w.layout):
             xq, xd, xs = quantize_for(w, x, buf)
             done = (DOT[w.qtype], w.layout)
-        if w.layout == "rows8" and x.shape[0] < TT:
-            gemv8(w.qs, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
-        elif w.layout in ROW_LAYOUTS:
-            matmul_rows(w.qtype, w.layout == "rows8", w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
+        if w.layout == "rows8":
+            matmul_rows8(w.qs, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
+        elif w.layout == "rows":
+            matmul_rows(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])
         else:
             matmul_q(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, xq, xd, xs, out, _THREADS[0])

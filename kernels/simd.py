@@ -50,6 +50,11 @@ from edgert.kernels import isa as _isa
 from edgert.kernels.quant import G8, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
 
 NT_MAX = 4  # activation rows per call
+LLVM_MIN = (19,)  # splat constants and opaque pointers in the IR below
+if tuple(llb.llvm_version_info) < LLVM_MIN and _isa.current().layout == "rows":
+    from edgert.errors import EdgertError
+    raise EdgertError(f"the x86 kernels need LLVM {LLVM_MIN[0]} or newer (numba >= 0.68); this llvmlite has "
+                      f"LLVM {'.'.join(map(str, llb.llvm_version_info))}: upgrade numba, or EDGERT_ISA=portable")
 ISA = _isa.current() if _isa.current().layout == "rows" else _isa.BY_NAME["avx2"]  # IR for rows
 FAST = _isa.mode() == "fast"
 
@@ -276,28 +281,26 @@ def _gemm4() -> str:
     return s + "  %accn = fadd <4 x float> %ga3, splat (float -0.0)\n  %accmn = fadd <4 x float> %gm3, splat (float -0.0)\n"
 
 
-def q4k_ir(nt: int, gemm: bool, isa, G: int = 1) -> str:
+def q4k_ir(nt: int, gemm: bool, isa) -> str:
     """llama.cpp's repacked Q4_K kernels (ggml_gemv / ggml_gemm_q4_K_8x8_q8_K, AVX2), per row
     and token. Per 64 elements j the exact integers I_j = sc_lo * (q_lo . x_lo) + sc_hi *
     (q_hi . x_hi) and M_j = min_lo * sum(x_lo) + min_hi * sum(x_hi); gemm (its path for whole
     groups of 4 tokens): acc = fma(I_j, d * dx, acc) and accm = fma(M_j, dmin * dx, accm) for
-    each j; gemv: the same once per super-block on the summed integers; out = acc - accm.
-    G = 8: the row lies in the rows8 layout (its super-blocks G apart, interleaved with its group's)."""
+    each j; gemv: the same once per super-block on the summed integers; out = acc - accm."""
     phis, body, exit_ = [], [], []
-    body.append(f"""  %qo = mul i64 %b, {128 * G}
+    body.append(f"""  %qo = mul i64 %b, 128
   %qb = getelementptr inbounds i8, ptr %qs, i64 %qo
   %b8 = shl i64 %b, 3
-  %so = mul i64 %b, {16 * G}
+  %so = shl i64 %b, 4
   %b256 = shl i64 %b, 8
-  %bg = mul i64 %b, {G}
   %scp = getelementptr inbounds i8, ptr %sc, i64 %so
   %sc8 = load <16 x i8>, ptr %scp, align 1
   %sc16 = zext <16 x i8> %sc8 to <16 x i16>
   %mn8 = shufflevector <16 x i8> %sc8, <16 x i8> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %mn = zext <8 x i8> %mn8 to <8 x i32>
-  %dwp = getelementptr inbounds float, ptr %d, i64 %bg
+  %dwp = getelementptr inbounds float, ptr %d, i64 %b
   %dw = load float, ptr %dwp, align 4
-  %dmp = getelementptr inbounds float, ptr %m, i64 %bg
+  %dmp = getelementptr inbounds float, ptr %m, i64 %b
   %dmin = load float, ptr %dmp, align 4
 """)
     for j in range(4):
@@ -346,7 +349,7 @@ def q4k_ir(nt: int, gemm: bool, isa, G: int = 1) -> str:
         exit_.append("  %rv = fsub <4 x float> %accn, %accmn\n")
         for t in range(nt):
             exit_.append(f"  %r{t} = extractelement <4 x float> %rv, i64 {t}\n" + store(t, f"r{t}"))
-    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q4k_nt{nt}_{'gemm' if gemm else 'gemv'}_g{G}_{isa.name}")
+    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q4k_nt{nt}_{'gemm' if gemm else 'gemv'}_{isa.name}")
             + _loop(phis, "".join(body), "".join(exit_)))
 
 
@@ -400,10 +403,8 @@ def q4k_gemv8_ir(isa) -> str:
   %vIb{r} = add <8 x i32> %vI{r}2, %vI{r}3
   %vIt{r} = add <8 x i32> %vIa{r}, %vIb{r}
 """)
-    for v, o in (("vIt", "I"), ("mv", "M")):  # 8 vectors -> [r0 .. r7] lane totals
-        body.append("".join(_pairsum(f"{v}{2 * k}", f"{v}{2 * k + 1}", f"{o}a{k}") for k in range(4))
-                    + _pairsum(f"{o}a0", f"{o}a1", f"{o}b0") + _pairsum(f"{o}a2", f"{o}a3", f"{o}b1")
-                    + _pairsum(f"{o}b0", f"{o}b1", f"{o}8"))
+    for v, o in (("vIt", "I8"), ("mv", "M8")):  # 8 vectors -> [r0 .. r7] lane totals
+        body.append(_tree8([f"{v}{r}" for r in range(G8)], o))
     body.append(splat("float", 8, "dx0", "dxv") + """  %If = sitofp <8 x i32> %I8 to <8 x float>
   %Mf = sitofp <8 x i32> %M8 to <8 x float>
   %ds8 = fmul <8 x float> %dw8, %dxv
@@ -413,6 +414,95 @@ def q4k_gemv8_ir(isa) -> str:
 """)
     exit_ = "  %rv = fsub <8 x float> %accn, %accmn\n  store <8 x float> %rv, ptr %out, align 4\n"
     return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q4k_gemv8_{isa.name}")
+            + _loop(phis, "".join(body), exit_))
+
+
+def _tree8(v: list[str], out: str) -> str:
+    """IR: %out = <8 x i32> whose lane r is the lane total of the <8 x i32> value v[r]."""
+    return ("".join(_pairsum(v[2 * k], v[2 * k + 1], f"{out}a{k}") for k in range(4))
+            + _pairsum(f"{out}a0", f"{out}a1", f"{out}b0") + _pairsum(f"{out}a2", f"{out}a3", f"{out}b1")
+            + _pairsum(f"{out}b0", f"{out}b1", out))
+
+
+def q4k_gemm8_ir(isa) -> str:
+    """q4k_ir's gemm (llama.cpp's path for whole groups of 4 tokens) for one group of 8 rows of
+    the rows8 layout and 4 tokens: per 64 elements j and token t, the 8 rows' I_j and M_j as the
+    lanes of one vector (a tree of pairwise sums over the rows), then acc_t = fma(I_j, d * dx_t,
+    acc_t) and accm_t = fma(M_j, dmin * dx_t, accm_t) for j = 0..3 in order: each (row, token)
+    lane runs q4k_ir's gemm chain."""
+    T = range(4)
+    phis = [f"  %acc{t} = phi <8 x float> [zeroinitializer, %entry], [%acc{t}j3, %loop]\n"
+            f"  %accm{t} = phi <8 x float> [zeroinitializer, %entry], [%accm{t}j3, %loop]" for t in T]
+    body = ["""  %b8 = shl i64 %b, 3
+  %b256 = shl i64 %b, 8
+  %qo = shl i64 %b, 10
+  %qb = getelementptr inbounds i8, ptr %qs, i64 %qo
+  %so = shl i64 %b, 7
+  %scb = getelementptr inbounds i8, ptr %sc, i64 %so
+  %dwp = getelementptr inbounds float, ptr %d, i64 %b8
+  %dw8 = load <8 x float>, ptr %dwp, align 4
+  %dmp = getelementptr inbounds float, ptr %m, i64 %b8
+  %dmin8 = load <8 x float>, ptr %dmp, align 4
+"""]
+    for r in range(G8):
+        body.append(f"""  %scp{r} = getelementptr inbounds i8, ptr %scb, i64 {16 * r}
+  %sc8{r} = load <16 x i8>, ptr %scp{r}, align 1
+  %sc16{r} = zext <16 x i8> %sc8{r} to <16 x i16>
+  %mn8{r} = shufflevector <16 x i8> %sc8{r}, <16 x i8> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %mn{r} = zext <8 x i8> %mn8{r} to <8 x i32>
+""")
+    for t in T:
+        body.append(token_ptrs(t, "b256", "b", "b8") + f"""  %bsf{t} = load <8 x float>, ptr %xsp{t}, align 4
+  %bs{t} = fptosi <8 x float> %bsf{t} to <8 x i32>
+""" + splat("float", 8, f"dx{t}", f"dxv{t}") + f"""  %ds{t} = fmul <8 x float> %dw8, %dxv{t}
+  %dm{t} = fmul <8 x float> %dmin8, %dxv{t}
+""")
+        for r in range(G8):
+            body.append(f"  %mv{r}t{t} = mul <8 x i32> %mn{r}, %bs{t}\n")
+        # [r0: M0..M3, r1: M0..M3] for the row pairs, then per j the 8 rows' M_j
+        body.append("".join(_pairsum(f"mv{2 * k}t{t}", f"mv{2 * k + 1}t{t}", f"Pm{t}{k}") for k in range(4)))
+        for j in range(4):
+            pick = f"<8 x i32> <i32 {j}, i32 {4 + j}, i32 {8 + j}, i32 {12 + j}, i32 poison, i32 poison, i32 poison, i32 poison>"
+            body.append(f"""  %Mlo{t}{j} = shufflevector <8 x i32> %Pm{t}0, <8 x i32> %Pm{t}1, {pick}
+  %Mhi{t}{j} = shufflevector <8 x i32> %Pm{t}2, <8 x i32> %Pm{t}3, {pick}
+  %M{t}j{j} = shufflevector <8 x i32> %Mlo{t}{j}, <8 x i32> %Mhi{t}{j}, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 8, i32 9, i32 10, i32 11>
+""")
+
+    def rep(k):
+        return "<16 x i32> <" + ", ".join([f"i32 {k}"] * 16) + ">"
+    for j in range(4):
+        for r in range(G8):
+            body.append(f"""  %q{r}{j}p = getelementptr inbounds i8, ptr %qb, i64 {128 * r + 32 * j}
+  %q{r}{j} = load <32 x i8>, ptr %q{r}{j}p, align 1
+  %lo{r}{j} = and <32 x i8> %q{r}{j}, splat (i8 15)
+  %hi{r}{j} = lshr <32 x i8> %q{r}{j}, splat (i8 4)
+  %sl{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {rep(2 * j)}
+  %sh{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {rep(2 * j + 1)}
+""")
+        for t in T:
+            body.append(f"""  %xlp{t}{j} = getelementptr inbounds i8, ptr %xb{t}, i64 {64 * j}
+  %xl{t}{j} = load <32 x i8>, ptr %xlp{t}{j}, align 1
+  %xhp{t}{j} = getelementptr inbounds i8, ptr %xb{t}, i64 {64 * j + 32}
+  %xh{t}{j} = load <32 x i8>, ptr %xhp{t}{j}, align 1
+""")
+            for r in range(G8):
+                body.append(idot(isa, f"wl{r}t{t}j{j}", f"lo{r}{j}", f"xl{t}{j}", f"%sl{r}{j}"))
+                body.append(idot(isa, f"wh{r}t{t}j{j}", f"hi{r}{j}", f"xh{t}{j}", f"%sh{r}{j}"))
+                body.append(f"  %vI{r}t{t}j{j} = add <8 x i32> %wl{r}t{t}j{j}, %wh{r}t{t}j{j}\n")
+            body.append(_tree8([f"vI{r}t{t}j{j}" for r in range(G8)], f"I{t}j{j}"))
+            prev_a = f"acc{t}" if j == 0 else f"acc{t}j{j - 1}"
+            prev_m = f"accm{t}" if j == 0 else f"accm{t}j{j - 1}"
+            body.append(f"""  %If{t}j{j} = sitofp <8 x i32> %I{t}j{j} to <8 x float>
+  %Mf{t}j{j} = sitofp <8 x i32> %M{t}j{j} to <8 x float>
+  %acc{t}j{j} = call <8 x float> @llvm.fma.v8f32(<8 x float> %If{t}j{j}, <8 x float> %ds{t}, <8 x float> %{prev_a})
+  %accm{t}j{j} = call <8 x float> @llvm.fma.v8f32(<8 x float> %Mf{t}j{j}, <8 x float> %dm{t}, <8 x float> %{prev_m})
+""")
+    exit_ = "".join(f"""  %rv{t} = fsub <8 x float> %acc{t}j3, %accm{t}j3
+  %oo{t} = mul i64 %ostride, {t}
+  %op{t} = getelementptr inbounds float, ptr %out, i64 %oo{t}
+  store <8 x float> %rv{t}, ptr %op{t}, align 4
+""" for t in T)
+    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q4k_gemm8_{isa.name}")
             + _loop(phis, "".join(body), exit_))
 
 
@@ -507,12 +597,11 @@ def q6k_ir(nt: int, tiled: bool, isa) -> str:
 # Numba glue
 # ---------------------------------------------------------------------------------------------
 
-def ir_text(qtype: int, nt: int, kmode: int = 0, isa=None, G: int = 1) -> str:
-    """The IR of one routine: kmode 1 is Q4_K's gemm / Q6_K's tiled path; G = 8 a row of the
-    rows8 layout (Q4_K)."""
+def ir_text(qtype: int, nt: int, kmode: int = 0, isa=None) -> str:
+    """The IR of one routine: kmode 1 is Q4_K's gemm / Q6_K's tiled path."""
     isa = isa or ISA
     if qtype == Q4_K:
-        return q4k_ir(nt, bool(kmode), isa, G)
+        return q4k_ir(nt, bool(kmode), isa)
     if qtype == Q6_K:
         return q6k_ir(nt, bool(kmode), isa)
     return legacy_ir(qtype, nt, isa)
@@ -530,8 +619,8 @@ def _call_ir(context, builder, name: str, text: str, args):
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
 
-def _make(qtype: int, nt: int, kmode: int = 0, G: int = 1, text: str = ""):
-    text = text or ir_text(qtype, nt, kmode, G=G)
+def _make(qtype: int, nt: int, kmode: int = 0, text: str = ""):
+    text = text or ir_text(qtype, nt, kmode)
     name = text[text.index("define void @") + 13:text.index("(i64 %qs_a")]
 
     @intrinsic
@@ -550,26 +639,18 @@ q4_1_1, q4_1_4 = _make(Q4_1, 1), _make(Q4_1, 4)
 q5_0_1, q5_0_4 = _make(Q5_0, 1), _make(Q5_0, 4)
 q8_0_1, q8_0_4 = _make(Q8_0, 1), _make(Q8_0, 4)
 q4k_gemv_1, q4k_gemv_4, q4k_gemm_4 = _make(Q4_K, 1, 0), _make(Q4_K, 4, 0), _make(Q4_K, 4, 1)
-q4k8_gemv_1, q4k8_gemv_4, q4k8_gemm_4 = _make(Q4_K, 1, 0, 8), _make(Q4_K, 4, 0, 8), _make(Q4_K, 4, 1, 8)
 q4k8_gemv8 = _make(Q4_K, 1, text=q4k_gemv8_ir(ISA))
+q4k8_gemm8 = _make(Q4_K, 4, text=q4k_gemm8_ir(ISA))
 q6k_vec_1, q6k_vec_4, q6k_tiled_1, q6k_tiled_4 = _make(Q6_K, 1, 0), _make(Q6_K, 4, 0), _make(Q6_K, 1, 1), _make(Q6_K, 4, 1)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def dot(qtype, nt, tiled, g8, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, po, os_):
+def dot(qtype, nt, tiled, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, po, os_):
     """One weight row against nt (1 or 4) activation rows, by type. tiled: the batch is one
     llama.cpp takes its tiled K-quant path for (Q6_K: 8 tokens or more; Q4_K: its gemm for
-    whole groups of 4, that is nt = 4). g8: the row is in the rows8 layout. Fast mode takes the
-    one-accumulation paths."""
+    whole groups of 4, that is nt = 4). Fast mode takes the one-accumulation paths."""
     a = (pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, po, os_)
-    if qtype == Q4_K and g8:
-        if nt == 4 and not FAST:
-            q4k8_gemm_4(*a)
-        elif nt == 4:
-            q4k8_gemv_4(*a)
-        else:
-            q4k8_gemv_1(*a)
-    elif qtype == Q4_K:
+    if qtype == Q4_K:
         if nt == 4 and not FAST:
             q4k_gemm_4(*a)
         elif nt == 4:
@@ -606,15 +687,14 @@ def dot(qtype, nt, tiled, g8, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, s
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def matmul_rows(qtype, g8, qs, qh, sc, d, m, x8, xd, xsum, out, nthreads):
+def matmul_rows(qtype, qs, qh, sc, d, m, x8, xd, xsum, out, nthreads):
     """out[T, R] = X @ W.T for a row-layout matrix W and its activation format: x8 [T, C] int8,
     xd [T, C / A] float32 scales, xsum [T, C / S] (Q4_1: d * sum(q); K-quants: integer sums).
     Each thread takes a contiguous run of rows; for prefill, rows are visited in groups of 16
     against 64 tokens at a time, so that the group's weights and the tokens' activations both
-    stay in cache, and each call takes 4 tokens (a block's weights unpacked once for four).
-    g8: W is in the rows8 layout (Q4_K; decode on it: gemv8)."""
+    stay in cache, and each call takes 4 tokens (a block's weights unpacked once for four)."""
     T = x8.shape[0]
-    R, nblk = (d.shape[0] * G8, d.shape[1] // G8) if g8 else d.shape
+    R, nblk = d.shape
     tiled = T >= 8
     xs = x8.strides[0]
     ds = xd.strides[0] // 4
@@ -631,39 +711,51 @@ def matmul_rows(qtype, g8, qs, qh, sc, d, m, x8, xd, xsum, out, nthreads):
             for t0 in range(0, T, 64):
                 t_hi = min(T, t0 + 64)
                 for r in range(g0, min(r_hi, g0 + 16)):
-                    if g8:  # row r: lane r % 8 of group r // 8
-                        g, ln = r // G8, r % G8
-                        pq = qs.ctypes.data + g * qs.strides[0] + 128 * ln
-                        psc = psc0 + g * sc.strides[0] + 16 * ln
-                        pd = d.ctypes.data + g * d.strides[0] + 4 * ln
-                        pm = pm0 + g * m.strides[0] + 4 * ln
-                    else:
-                        pq = qs.ctypes.data + r * qs.strides[0]
-                        psc = psc0 + r * sc.strides[0]
-                        pd = d.ctypes.data + r * d.strides[0]
-                        pm = pm0 + r * m.strides[0]
+                    pq = qs.ctypes.data + r * qs.strides[0]
                     ph = ph0 + r * qh.strides[0]
+                    psc = psc0 + r * sc.strides[0]
+                    pd = d.ctypes.data + r * d.strides[0]
+                    pm = pm0 + r * m.strides[0]
                     t = t0
                     while t < t_hi:
                         nt = 4 if t + 4 <= t_hi else 1
                         px, pxd, pxs = x8.ctypes.data + t * xs, xd.ctypes.data + t * ds * 4, xsum.ctypes.data + t * ss * 4
                         po = out.ctypes.data + (t * os_ + r) * 4
-                        dot(qtype, nt, tiled, g8, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, po, os_)
+                        dot(qtype, nt, tiled, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, po, os_)
                         t += nt
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def gemv8(qs, sc, d, m, x8, xd, xsum, out, nthreads):
-    """out[T, R] = X @ W.T for decode (T of 1 to 3) on a rows8 Q4_K matrix (q4k_gemv8_ir): each
-    thread a contiguous run of 8-row groups."""
+def matmul_rows8(qs, sc, d, m, x8, xd, xsum, out, nthreads):
+    """out[T, R] = X @ W.T for a rows8 Q4_K matrix (activations as matmul_rows): each thread a
+    contiguous run of 8-row groups; tokens in whole groups of 4 through the gemm (q4k_gemm8_ir:
+    in exact mode llama.cpp's path for them), the rest (and decode) through the gemv
+    (q4k_gemv8_ir); groups visited two at a time against 64 tokens, so that their weights stay
+    in cache."""
     n_g = d.shape[0]
     nblk = d.shape[1] // G8
+    T = x8.shape[0]
+    n_gemm = T - T % 4
+    os_ = out.strides[0] // 4
     chunk = (n_g + nthreads - 1) // nthreads
     for c in nb.prange(nthreads):
-        for g in range(c * chunk, min(n_g, (c + 1) * chunk)):
-            for t in range(x8.shape[0]):
-                q4k8_gemv8(qs.ctypes.data + g * qs.strides[0], qs.ctypes.data, sc.ctypes.data + g * sc.strides[0],
-                           d.ctypes.data + g * d.strides[0], m.ctypes.data + g * m.strides[0],
-                           x8.ctypes.data + t * x8.strides[0], xd.ctypes.data + t * xd.strides[0],
-                           xsum.ctypes.data + t * xsum.strides[0], nblk, 0, 0, 0,
-                           out.ctypes.data + t * out.strides[0] + g * G8 * 4, 0)
+        g_lo = c * chunk
+        g_hi = min(n_g, g_lo + chunk)
+        for g0 in range(g_lo, g_hi, 2):
+            for t0 in range(0, T, 64):
+                for g in range(g0, min(g_hi, g0 + 2)):
+                    pq = qs.ctypes.data + g * qs.strides[0]
+                    psc = sc.ctypes.data + g * sc.strides[0]
+                    pd = d.ctypes.data + g * d.strides[0]
+                    pm = m.ctypes.data + g * m.strides[0]
+                    for t in range(t0, min(T, t0 + 64), 4):
+                        if t + 4 <= n_gemm and not FAST:
+                            q4k8_gemm8(pq, pq, psc, pd, pm, x8.ctypes.data + t * x8.strides[0],
+                                       xd.ctypes.data + t * xd.strides[0], xsum.ctypes.data + t * xsum.strides[0],
+                                       nblk, x8.strides[0], xd.strides[0] // 4, xsum.strides[0] // 4,
+                                       out.ctypes.data + (t * os_ + g * G8) * 4, os_)
+                        else:
+                            for u in range(t, min(T, t0 + 64, t + 4)):
+                                q4k8_gemv8(pq, pq, psc, pd, pm, x8.ctypes.data + u * x8.strides[0],
+                                           xd.ctypes.data + u * xd.strides[0], xsum.ctypes.data + u * xsum.strides[0],
+                                           nblk, 0, 0, 0, out.ctypes.data + (u * os_ + g * G8) * 4, 0)

@@ -31,7 +31,7 @@ def _row_dot(qtype, base, lay, f, r, px, pxd, pxs, nblk, tmp):
     psc = base + lay[2 * f + 4] + r * lay[2 * f + 5]
     pd = base + lay[2 * f + 6] + r * lay[2 * f + 7]
     pm = base + lay[2 * f + 8] + r * lay[2 * f + 9]
-    dot(qtype, 1, False, False, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, 0, 0, 0, tmp.ctypes.data, 0)
+    dot(qtype, 1, False, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, 0, 0, 0, tmp.ctypes.data, 0)
     return tmp[0]
 
 
