@@ -353,15 +353,11 @@ def q4k_ir(nt: int, gemm: bool, isa) -> str:
             + _loop(phis, "".join(body), "".join(exit_)))
 
 
-def q4k_gemv8_ir(isa) -> str:
-    """q4k_ir's gemv for one token and one group of 8 rows of the rows8 layout (decode): each
-    step reads the group's super-block b, 8 rows one after another (one stream, which the
-    hardware prefetchers follow), loads the activation once for the 8, and takes the rows' 16
-    integer totals (I and M of each) out of one tree of pairwise sums instead of 16 horizontal
-    reductions. Row r's float chain is the gemv one, in lane r of 8-lane vectors."""
-    phis = ["  %acc = phi <8 x float> [zeroinitializer, %entry], [%accn, %loop]",
-            "  %accm = phi <8 x float> [zeroinitializer, %entry], [%accmn, %loop]"]
-    body = ["""  %b8 = shl i64 %b, 3
+def _rows8_superblock() -> str:
+    """IR for super-block b of a rows8 group: %qb (its 8 rows' quants, 128 bytes each), %dw8 /
+    %dmin8 (the rows' scales), and per row r %sc16{r} (its 8 scales, 8 mins as i16) and %mn{r}
+    (the mins as <8 x i32>)."""
+    return """  %b8 = shl i64 %b, 3
   %b256 = shl i64 %b, 8
   %qo = shl i64 %b, 10
   %qb = getelementptr inbounds i8, ptr %qs, i64 %qo
@@ -371,7 +367,23 @@ def q4k_gemv8_ir(isa) -> str:
   %dw8 = load <8 x float>, ptr %dwp, align 4
   %dmp = getelementptr inbounds float, ptr %m, i64 %b8
   %dmin8 = load <8 x float>, ptr %dmp, align 4
-""", token_ptrs(0, "b256", "b", "b8"), """  %bsf = load <8 x float>, ptr %xsp0, align 4
+""" + "".join(f"""  %scp{r} = getelementptr inbounds i8, ptr %scb, i64 {16 * r}
+  %sc8{r} = load <16 x i8>, ptr %scp{r}, align 1
+  %sc16{r} = zext <16 x i8> %sc8{r} to <16 x i16>
+  %mn8{r} = shufflevector <16 x i8> %sc8{r}, <16 x i8> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %mn{r} = zext <8 x i8> %mn8{r} to <8 x i32>
+""" for r in range(G8))
+
+
+def q4k_gemv8_ir(isa) -> str:
+    """q4k_ir's gemv for one token and one group of 8 rows of the rows8 layout (decode): each
+    step reads the group's super-block b, 8 rows one after another (one stream, which the
+    hardware prefetchers follow), loads the activation once for the 8, and takes the rows' 16
+    integer totals (I and M of each) out of one tree of pairwise sums instead of 16 horizontal
+    reductions. Row r's float chain is the gemv one, in lane r of 8-lane vectors."""
+    phis = ["  %acc = phi <8 x float> [zeroinitializer, %entry], [%accn, %loop]",
+            "  %accm = phi <8 x float> [zeroinitializer, %entry], [%accmn, %loop]"]
+    body = [_rows8_superblock(), token_ptrs(0, "b256", "b", "b8"), """  %bsf = load <8 x float>, ptr %xsp0, align 4
   %bs = fptosi <8 x float> %bsf to <8 x i32>
 """]
     body += [f"  %xlp{j} = getelementptr inbounds i8, ptr %xb0, i64 {64 * j}\n  %xl{j} = load <32 x i8>, ptr %xlp{j}, align 1\n"
@@ -381,13 +393,7 @@ def q4k_gemv8_ir(isa) -> str:
     def rep(k):
         return "<16 x i32> <" + ", ".join([f"i32 {k}"] * 16) + ">"
     for r in range(G8):
-        body.append(f"""  %scp{r} = getelementptr inbounds i8, ptr %scb, i64 {16 * r}
-  %sc8{r} = load <16 x i8>, ptr %scp{r}, align 1
-  %sc16{r} = zext <16 x i8> %sc8{r} to <16 x i16>
-  %mn8{r} = shufflevector <16 x i8> %sc8{r}, <16 x i8> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %mn{r} = zext <8 x i8> %mn8{r} to <8 x i32>
-  %mv{r} = mul <8 x i32> %mn{r}, %bs
-""")
+        body.append(f"  %mv{r} = mul <8 x i32> %mn{r}, %bs\n")
         for j in range(4):
             body.append(f"""  %q{r}{j}p = getelementptr inbounds i8, ptr %qb, i64 {128 * r + 32 * j}
   %q{r}{j} = load <32 x i8>, ptr %q{r}{j}p, align 1
@@ -433,24 +439,7 @@ def q4k_gemm8_ir(isa) -> str:
     T = range(4)
     phis = [f"  %acc{t} = phi <8 x float> [zeroinitializer, %entry], [%acc{t}j3, %loop]\n"
             f"  %accm{t} = phi <8 x float> [zeroinitializer, %entry], [%accm{t}j3, %loop]" for t in T]
-    body = ["""  %b8 = shl i64 %b, 3
-  %b256 = shl i64 %b, 8
-  %qo = shl i64 %b, 10
-  %qb = getelementptr inbounds i8, ptr %qs, i64 %qo
-  %so = shl i64 %b, 7
-  %scb = getelementptr inbounds i8, ptr %sc, i64 %so
-  %dwp = getelementptr inbounds float, ptr %d, i64 %b8
-  %dw8 = load <8 x float>, ptr %dwp, align 4
-  %dmp = getelementptr inbounds float, ptr %m, i64 %b8
-  %dmin8 = load <8 x float>, ptr %dmp, align 4
-"""]
-    for r in range(G8):
-        body.append(f"""  %scp{r} = getelementptr inbounds i8, ptr %scb, i64 {16 * r}
-  %sc8{r} = load <16 x i8>, ptr %scp{r}, align 1
-  %sc16{r} = zext <16 x i8> %sc8{r} to <16 x i16>
-  %mn8{r} = shufflevector <16 x i8> %sc8{r}, <16 x i8> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %mn{r} = zext <8 x i8> %mn8{r} to <8 x i32>
-""")
+    body = [_rows8_superblock()]
     for t in T:
         body.append(token_ptrs(t, "b256", "b", "b8") + f"""  %bsf{t} = load <8 x float>, ptr %xsp{t}, align 4
   %bs{t} = fptosi <8 x float> %bsf{t} to <8 x i32>
