@@ -12,9 +12,11 @@ import numba
 _here = Path(__file__).parent
 _digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_here.glob("*.py")))).hexdigest()[:12]
 _base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "edgert", "numba")
-_isa = os.environ.get("EDGERT_ISA") or "auto"
-_mode = os.environ.get("EDGERT_MODE") or "exact"
-_choice = f"{_isa if _isa.isidentifier() or '-' in _isa else 'auto'}-{_mode if _mode.isalpha() else 'exact'}"
-if os.environ.get("EDGERT_SIMD") == "0":
-    _choice = "simd0-" + _choice
+from edgert.errors import EdgertError  # noqa: E402
+from edgert.kernels import isa as _isa  # noqa: E402
+
+try:  # named by what the choice resolves to ("auto" and its ISA named alike share one cache)
+    _choice = f"{_isa.current().name}-{_isa.mode()}"
+except EdgertError:  # a bad choice: the error is raised where the kernels are first used
+    _choice = "unresolved"
 numba.config.CACHE_DIR = os.path.join(_base, f"{_digest}-{''.join(c for c in _choice if c.isalnum() or c in '-_')}")
