@@ -52,8 +52,9 @@ def quantize_row(x, bits, G, asym, codes, scales):
                 amax = np.float32(0.0)
                 for j in range(G):
                     amax = max(amax, abs(xg[j]))
-                db, d = _f16r(amax / np.float32(127.0))
-                idd = np.float32(1.0) / (amax / np.float32(127.0)) if amax != 0 else np.float32(0.0)
+                q = amax / np.float32(127.0)  # llama.cpp: id = d ? 1/d : 0 (a subnormal amax makes d 0)
+                db, d = _f16r(q)
+                idd = np.float32(1.0) / q if q != 0 else np.float32(0.0)
                 for j in range(G):
                     c[j] = np.int32(_roundf(xg[j] * idd)) + 128
             else:  # q4_0

@@ -26,7 +26,8 @@ def validate_chrome_trace(doc):
         if e["ph"] == "C":
             assert e["args"] and all(isinstance(v, (int, float)) for v in e["args"].values())
         if e["ph"] == "M":
-            assert e["name"] in ("process_name", "thread_name") and "name" in e["args"]
+            assert (e["name"] in ("process_name", "thread_name") and "name" in e["args"]
+                    or e["name"] == "process_labels" and e["args"]["labels"].startswith("kernels "))
 
 
 def test_tracer_records_ops_inside_layers(tiny_models, tmp_path):
