@@ -64,7 +64,7 @@ def test_profile_cli_writes_trace(tiny_models, tmp_path):
     validate_chrome_trace(doc)
     ev = doc["traceEvents"]
     assert any(e["ph"] == "C" and e["name"] == "memory" for e in ev)
-    assert any(e["ph"] == "M" and e["args"]["name"] == "main" for e in ev)
+    assert any(e["ph"] == "M" and e["args"].get("name") == "main" for e in ev)
     assert any(e["ph"] == "X" and e.get("cat") == "io" for e in ev)
 
 
