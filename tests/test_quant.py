@@ -191,33 +191,31 @@ def test_q5_0_expanded_to_q8_0_gives_the_same_products(layout, rng):
             assert np.array_equal(y5, y8)
 
 
+def _products_in_layouts(qtype, R, C, T, layouts, rng):
+    """X @ W.T for one random W [R, C] repacked in each layout, the same X [T, C]."""
+    _, raw = _raw(qtype, R, C, rng)
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    ys = []
+    for layout in layouts:
+        y = np.empty((T, R), np.float32)
+        matmul(repack(qtype, raw, R, C, layout), x, y, ActBuffers(T, C))
+        ys.append(y)
+    return ys
+
+
 @pytest.mark.parametrize("qtype", ROW_TYPES, ids=[TYPE_NAMES[t] for t in ROW_TYPES])
 def test_row_and_tile_layouts_agree(qtype, rng):
     if not available():
         pytest.skip("row-layout kernels need an x86 CPU with AVX2 and the JIT")
-    R, C, T = 100, 1024, 5
-    _, raw = _raw(qtype, R, C, rng)
-    x = rng.standard_normal((T, C)).astype(np.float32)
-    ys = []
-    for layout in ("tiles", "rows"):
-        y = np.empty((T, R), np.float32)
-        matmul(repack(qtype, raw, R, C, layout), x, y, ActBuffers(T, C))
-        ys.append(y)
+    ys = _products_in_layouts(qtype, 100, 1024, 5, ("tiles", "rows"), rng)
     assert np.max(np.abs(ys[0] - ys[1])) <= 8 * np.finfo(np.float32).eps * np.max(np.abs(ys[0]))
 
 
 @pytest.mark.parametrize("T", [1, 3, 4, 9, 70])
 def test_rows8_gives_the_row_layouts_results_bit_for_bit(T, rng):
-    """Q4_K in the rows8 layout (decode: 8 rows a step, lanes = rows; prefill: the row kernels
-    with interleaved strides) runs each row's float chain unchanged."""
+    """Q4_K in the rows8 layout (decode: 8 rows a step, lanes = rows; prefill: a gemm over 8 rows
+    x 4 tokens, the rest by the gemv) runs each row's float chain unchanged."""
     if not available():
         pytest.skip("row-layout kernels need an x86 CPU with AVX2 and the JIT")
-    R, C = 96, 1024
-    _, raw = _raw(Q4_K, R, C, rng)
-    x = rng.standard_normal((T, C)).astype(np.float32)
-    ys = []
-    for layout in ("rows", "rows8"):
-        y = np.empty((T, R), np.float32)
-        matmul(repack(Q4_K, raw, R, C, layout), x, y, ActBuffers(T, C))
-        ys.append(y)
+    ys = _products_in_layouts(Q4_K, 96, 1024, T, ("rows", "rows8"), rng)
     assert np.array_equal(ys[0].view(np.uint32), ys[1].view(np.uint32))
