@@ -77,7 +77,8 @@ def test_roundtrip_any_values(x, name):
     assert np.all(np.isfinite(y))
     for g in range(0, D, t.group):
         xg = x[g:g + t.group]
-        step = (xg.max() - xg.min()) / (2 ** t.bits - 1) if t.asym else np.abs(xg).max() / 127
+        step = ((xg.max() - xg.min()) / (2 ** t.bits - 1) if t.asym
+                else np.abs(xg).max() / (127 if t.bits == 8 else 8))  # q4_0: codes -8..7 of max / -8
         assert np.abs(y[g:g + t.group] - xg).max() <= step + 1e-3 * np.abs(xg).max() + 1e-3
 
 
