@@ -19,4 +19,4 @@ try:  # named by what the choice resolves to ("auto" and its ISA named alike sha
     _choice = f"{_isa.current().name}-{_isa.mode()}"
 except EdgertError:  # a bad choice: the error is raised where the kernels are first used
     _choice = "unresolved"
-numba.config.CACHE_DIR = os.path.join(_base, f"{_digest}-{''.join(c for c in _choice if c.isalnum() or c in '-_')}")
+numba.config.CACHE_DIR = os.path.join(_base, f"{_digest}-{_choice}")

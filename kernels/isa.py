@@ -29,9 +29,7 @@ class ISA:
     machines: tuple[str, ...]   # platform.machine() values it runs on (empty: any)
     features: tuple[str, ...]   # LLVM host CPU features it needs
     layout: str                 # weight layout its kernels read: "rows" or "tiles"
-    vector_bits: int            # widest vector its kernels use
     built: bool                 # kernels exist in this release
-    variant: int                # the integer kernels branch on this (kernels/simd.py)
     about: str
 
 
@@ -40,13 +38,13 @@ ARM = ("aarch64", "arm64")
 
 # best first: the first built ISA the CPU supports is the default
 ISAS = (
-    ISA("avx512vnni", X86, ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"), "rows", 256, True, 1,
+    ISA("avx512vnni", X86, ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"), "rows", True,
         "AVX2 kernels with the integer stage in VNNI (vpdpbusd on 256-bit vectors)"),
-    ISA("avx2", X86, ("avx2", "fma"), "rows", 256, True, 0,
+    ISA("avx2", X86, ("avx2", "fma"), "rows", True,
         "llama.cpp's AVX2 kernels transcribed to LLVM IR (pmaddubsw / pmaddwd)"),
-    ISA("neon-dotprod", ARM, ("neon", "dotprod"), "rows", 128, False, 2,
+    ISA("neon-dotprod", ARM, ("neon", "dotprod"), "rows", False,
         "Arm NEON with sdot (not built yet: Arm runs the portable kernels)"),
-    ISA("portable", (), (), "tiles", 0, True, -1,
+    ISA("portable", (), (), "tiles", True,
         "Numba float loops on a transposed tile layout (any CPU, and NUMBA_DISABLE_JIT)"),
 )
 BY_NAME = {i.name: i for i in ISAS}
@@ -114,20 +112,9 @@ def mode() -> str:
     return m
 
 
-def variant() -> int:
-    """The integer the row-layout kernels branch on: the ISA's variant, + 16 in fast mode."""
-    return current().variant + (16 if mode() == "fast" else 0)
-
-
 def describe() -> str:
     """One line for `devices show host`, bench rows and traces, e.g. 'avx512vnni/exact'."""
     return f"{current().name}/{mode()}"
-
-
-def reset():
-    """Forget the cached choice (tests that set EDGERT_ISA / EDGERT_MODE)."""
-    current.cache_clear()
-    mode.cache_clear()
 
 
 def row_kernels() -> bool:

@@ -49,7 +49,6 @@ from numba.extending import intrinsic
 from edgert.kernels import isa as _isa
 from edgert.kernels.quant import G8, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
 
-NT_MAX = 4  # activation rows per call
 LLVM_MIN = (19,)  # splat constants and opaque pointers in the IR below
 if tuple(llb.llvm_version_info) < LLVM_MIN and _isa.current().layout == "rows":
     from edgert.errors import EdgertError
@@ -308,8 +307,8 @@ def q4k_ir(nt: int, gemm: bool, isa) -> str:
   %q{j} = load <32 x i8>, ptr %qp{j}, align 1
   %lo{j} = and <32 x i8> %q{j}, splat (i8 15)
   %hi{j} = lshr <32 x i8> %q{j}, splat (i8 4)
-  %sl{j} = shufflevector <16 x i16> %sc16, <16 x i16> poison, <16 x i32> {"<" + ", ".join([f"i32 {2 * j}"] * 16) + ">"}
-  %sh{j} = shufflevector <16 x i16> %sc16, <16 x i16> poison, <16 x i32> {"<" + ", ".join([f"i32 {2 * j + 1}"] * 16) + ">"}
+  %sl{j} = shufflevector <16 x i16> %sc16, <16 x i16> poison, {_bcast16(2 * j)}
+  %sh{j} = shufflevector <16 x i16> %sc16, <16 x i16> poison, {_bcast16(2 * j + 1)}
 """)
     for t in range(nt):
         body.append(token_ptrs(t, "b256", "b", "b8"))
@@ -353,6 +352,23 @@ def q4k_ir(nt: int, gemm: bool, isa) -> str:
             + _loop(phis, "".join(body), "".join(exit_)))
 
 
+def _bcast16(k: int) -> str:
+    """A <16 x i32> shuffle mask taking lane k into every lane."""
+    return "<16 x i32> <" + ", ".join([f"i32 {k}"] * 16) + ">"
+
+
+def _rows8_nibbles(r: int, j: int) -> str:
+    """IR for row r, 64 elements j of a rows8 super-block (after _rows8_superblock): %lo{r}{j} /
+    %hi{r}{j} its low / high nibbles, %sl{r}{j} / %sh{r}{j} their scales as <16 x i16>."""
+    return f"""  %q{r}{j}p = getelementptr inbounds i8, ptr %qb, i64 {128 * r + 32 * j}
+  %q{r}{j} = load <32 x i8>, ptr %q{r}{j}p, align 1
+  %lo{r}{j} = and <32 x i8> %q{r}{j}, splat (i8 15)
+  %hi{r}{j} = lshr <32 x i8> %q{r}{j}, splat (i8 4)
+  %sl{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {_bcast16(2 * j)}
+  %sh{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {_bcast16(2 * j + 1)}
+"""
+
+
 def _rows8_superblock() -> str:
     """IR for super-block b of a rows8 group: %qb (its 8 rows' quants, 128 bytes each), %dw8 /
     %dmin8 (the rows' scales), and per row r %sc16{r} (its 8 scales, 8 mins as i16) and %mn{r}
@@ -389,19 +405,10 @@ def q4k_gemv8_ir(isa) -> str:
     body += [f"  %xlp{j} = getelementptr inbounds i8, ptr %xb0, i64 {64 * j}\n  %xl{j} = load <32 x i8>, ptr %xlp{j}, align 1\n"
              f"  %xhp{j} = getelementptr inbounds i8, ptr %xb0, i64 {64 * j + 32}\n  %xh{j} = load <32 x i8>, ptr %xhp{j}, align 1\n"
              for j in range(4)]
-
-    def rep(k):
-        return "<16 x i32> <" + ", ".join([f"i32 {k}"] * 16) + ">"
     for r in range(G8):
         body.append(f"  %mv{r} = mul <8 x i32> %mn{r}, %bs\n")
         for j in range(4):
-            body.append(f"""  %q{r}{j}p = getelementptr inbounds i8, ptr %qb, i64 {128 * r + 32 * j}
-  %q{r}{j} = load <32 x i8>, ptr %q{r}{j}p, align 1
-  %lo{r}{j} = and <32 x i8> %q{r}{j}, splat (i8 15)
-  %hi{r}{j} = lshr <32 x i8> %q{r}{j}, splat (i8 4)
-  %sl{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {rep(2 * j)}
-  %sh{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {rep(2 * j + 1)}
-""")
+            body.append(_rows8_nibbles(r, j))
             body.append(idot(isa, f"wl{r}{j}", f"lo{r}{j}", f"xl{j}", f"%sl{r}{j}"))
             body.append(idot(isa, f"wh{r}{j}", f"hi{r}{j}", f"xh{j}", f"%sh{r}{j}"))
             body.append(f"  %vI{r}{j} = add <8 x i32> %wl{r}{j}, %wh{r}{j}\n")
@@ -456,18 +463,9 @@ def q4k_gemm8_ir(isa) -> str:
   %Mhi{t}{j} = shufflevector <8 x i32> %Pm{t}2, <8 x i32> %Pm{t}3, {pick}
   %M{t}j{j} = shufflevector <8 x i32> %Mlo{t}{j}, <8 x i32> %Mhi{t}{j}, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 8, i32 9, i32 10, i32 11>
 """)
-
-    def rep(k):
-        return "<16 x i32> <" + ", ".join([f"i32 {k}"] * 16) + ">"
     for j in range(4):
         for r in range(G8):
-            body.append(f"""  %q{r}{j}p = getelementptr inbounds i8, ptr %qb, i64 {128 * r + 32 * j}
-  %q{r}{j} = load <32 x i8>, ptr %q{r}{j}p, align 1
-  %lo{r}{j} = and <32 x i8> %q{r}{j}, splat (i8 15)
-  %hi{r}{j} = lshr <32 x i8> %q{r}{j}, splat (i8 4)
-  %sl{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {rep(2 * j)}
-  %sh{r}{j} = shufflevector <16 x i16> %sc16{r}, <16 x i16> poison, {rep(2 * j + 1)}
-""")
+            body.append(_rows8_nibbles(r, j))
         for t in T:
             body.append(f"""  %xlp{t}{j} = getelementptr inbounds i8, ptr %xb{t}, i64 {64 * j}
   %xl{t}{j} = load <32 x i8>, ptr %xlp{t}{j}, align 1
