@@ -61,8 +61,11 @@ def random_matrix(rows: int, cols: int, seed: int = 0) -> dict:
 def write_tiny_gguf(path: str, arch: str = "llama", n_layer: int = 2, n_embd: int = 256, n_ff: int = 512,
                     n_head: int = 4, n_head_kv: int = 2, head_dim: int = 64, n_vocab: int = 320,
                     types: dict | None = None, seed: int = 0, sliding_window: int = 8,
-                    tied: bool = False) -> str:
-    """Write a random-weight model; returns path. The file is written to a temp name, then renamed."""
+                    tied: bool = False, n_expert: int = 0, n_expert_used: int = 2) -> str:
+    """Write a random-weight model; returns path. The file is written to a temp name, then renamed.
+    n_expert > 0 (or a MoE architecture: qwen2moe, qwen3moe, olmoe) writes a mixture-of-experts
+    FFN: router `ffn_gate_inp` (F32) and stacked `ffn_{gate,up,down}_exps` of n_ff each (qwen2moe
+    also a shared expert behind a sigmoid gate)."""
     import gguf
     types = {**DEFAULT_TYPES, **(types or {})}
     rng = np.random.default_rng(seed)
@@ -74,9 +77,20 @@ def write_tiny_gguf(path: str, arch: str = "llama", n_layer: int = 2, n_embd: in
     w.add_block_count(n_layer)
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_head)
+    moe = n_expert > 0 or arch in ("qwen2moe", "qwen3moe", "olmoe")
+    if arch == "olmoe":  # its k norm spans n_embd: no grouped-query attention
+        n_head_kv = n_head
     w.add_head_count_kv(n_head_kv)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0 if arch == "llama" else 1e6)
+    if moe:
+        n_expert = n_expert or 8
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        if arch != "llama":
+            w.add_expert_feed_forward_length(n_ff)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(n_ff)
     if arch == "gemma3":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -121,7 +135,7 @@ def write_tiny_gguf(path: str, arch: str = "llama", n_layer: int = 2, n_embd: in
         mat(p + "attn_k.weight", "attn_k", Dkv, n_embd)
         mat(p + "attn_v.weight", "attn_v", Dkv, n_embd)
         mat(p + "attn_output.weight", "attn_output", n_embd, Dq)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             vec(p + "attn_q.bias", Dq, 0.0)
             vec(p + "attn_k.bias", Dkv, 0.0)
             vec(p + "attn_v.bias", Dkv, 0.0)
@@ -130,10 +144,31 @@ def write_tiny_gguf(path: str, arch: str = "llama", n_layer: int = 2, n_embd: in
             vec(p + "attn_k_norm.weight", head_dim)
             vec(p + "post_attention_norm.weight", n_embd)
             vec(p + "post_ffw_norm.weight", n_embd)
+        if arch == "qwen3moe":
+            vec(p + "attn_q_norm.weight", head_dim)
+            vec(p + "attn_k_norm.weight", head_dim)
+        if arch == "olmoe":  # over the whole q / k vector
+            vec(p + "attn_q_norm.weight", Dq)
+            vec(p + "attn_k_norm.weight", Dkv)
         vec(p + "ffn_norm.weight", n_embd)
-        mat(p + "ffn_gate.weight", "ffn_gate", n_ff, n_embd)
-        mat(p + "ffn_up.weight", "ffn_up", n_ff, n_embd)
-        mat(p + "ffn_down.weight", "ffn_down", n_embd, n_ff)
+        if not moe:
+            mat(p + "ffn_gate.weight", "ffn_gate", n_ff, n_embd)
+            mat(p + "ffn_up.weight", "ffn_up", n_ff, n_embd)
+            mat(p + "ffn_down.weight", "ffn_down", n_embd, n_ff)
+            continue
+        # a router with spread (distinct top-k), then every expert's matrices stacked
+        w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((n_expert, n_embd)) * 0.3).astype(np.float32))
+        for name, kind, rows, cols in (("ffn_gate_exps", "ffn_gate", n_ff, n_embd), ("ffn_up_exps", "ffn_up", n_ff, n_embd),
+                                       ("ffn_down_exps", "ffn_down", n_embd, n_ff)):
+            q = types[kind]
+            data = random_blocks(q, n_expert * rows, cols, rng)
+            data = data.reshape(n_expert, rows, -1)
+            w.add_tensor(p + name + ".weight", data, raw_dtype=gguf.GGMLQuantizationType(q) if q not in (F32, F16) else None)
+        if arch == "qwen2moe":
+            vec(p + "ffn_gate_inp_shexp.weight", n_embd, 0.0)
+            mat(p + "ffn_gate_shexp.weight", "ffn_gate", n_ff, n_embd)
+            mat(p + "ffn_up_shexp.weight", "ffn_up", n_ff, n_embd)
+            mat(p + "ffn_down_shexp.weight", "ffn_down", n_embd, n_ff)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

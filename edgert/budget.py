@@ -131,6 +131,9 @@ def scratch_bytes(c, B: int) -> int:
     E, F = c.n_embd, c.n_ff
     Dq, Dkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     acts = B * (3 * E + 2 * Dq + 2 * Dkv + 2 * F) * 4
+    if c.n_expert:  # the expert store's: router logits, routes, weighted outputs, gathered tokens
+        k = c.n_expert_used
+        acts += B * (c.n_expert + 2 * k + k * E + 2 * E) * 4
     K = max(Dq, F)
     act_q = B * (K + K // 32 + K // 16) * 4 + B * (E + E // 32 + E // 16) * 4 + B * (K + E)  # + int8 copies
     return acts + act_q + c.n_vocab * 4

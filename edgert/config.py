@@ -18,7 +18,15 @@ ARCHS = {
     # 5 sliding-window layers then 1 global layer, local rope base 10000 (not in the file).
     "gemma3": dict(rope_neox=True, ffn_act="gelu", qk_norm=True, post_norms=True,
                    embed_scale=True, swa_pattern=6, rope_base_swa=10000.0),
+    # mixture-of-experts layouts (llama with expert_count is mixtral's): moe_norm_w renormalises
+    # the top-k router weights; qwen2moe adds a shared expert behind a sigmoid gate; olmoe's q/k
+    # norms span the whole q / k vector, not each head
+    "qwen2moe": dict(rope_neox=True, ffn_act="silu", moe_norm_w=False, shared_expert=True),
+    "qwen3moe": dict(rope_neox=True, ffn_act="silu", qk_norm=True, moe_norm_w=True),
+    "olmoe": dict(rope_neox=True, ffn_act="silu", qk_norm=True, qk_norm_full=True, moe_norm_w=False),
 }
+MOE_ONLY = ("qwen2moe", "qwen3moe", "olmoe")  # architectures that need expert_count
+MAX_EXPERTS = 512  # llama.cpp's LLAMA_MAX_EXPERTS
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class ModelConfig:
     n_head: int
     n_head_kv: int
     head_dim: int
-    n_ff: int
+    n_ff: int                    # FFN width (MoE: of one expert)
     n_ctx_train: int
     rms_eps: float
     rope_base: float
@@ -49,6 +57,15 @@ class ModelConfig:
     rope_base_swa: float
     tied_embeddings: bool
     file_type: str
+    n_expert: int = 0            # 0: a dense FFN
+    n_expert_used: int = 0       # top-k
+    moe_norm_w: bool = False     # renormalise the top-k weights to sum 1
+    n_ff_shexp: int = 0          # shared expert's FFN width (qwen2moe), 0 = none
+    qk_norm_full: bool = False   # q/k norms over the whole vector (olmoe), else per head
+
+    @property
+    def moe(self) -> bool:
+        return self.n_expert > 0
 
     def is_swa(self, il: int) -> bool:
         return self.swa_layers[il]
@@ -102,6 +119,21 @@ def config_from_gguf(g) -> ModelConfig:
     if g.get(f"{arch}.rope.scaling.type") == "linear":
         rope_scale = 1.0 / float(g.get(f"{arch}.rope.scaling.factor", 1.0))
     q_scale = 1.0 / math.sqrt(head_dim) if arch == "gemma3" else 1.0
+    n_expert = int(g.get(f"{arch}.expert_count", 0) or 0)
+    n_used = int(g.get(f"{arch}.expert_used_count", 0) or 0)
+    if n_expert or arch in MOE_ONLY:
+        if not 1 <= n_expert <= MAX_EXPERTS:
+            raise EdgertError(f"{g.path}: '{arch}.expert_count' = {n_expert} is out of range [1, {MAX_EXPERTS}]")
+        if not 1 <= n_used <= n_expert:
+            raise EdgertError(f"{g.path}: '{arch}.expert_used_count' = {n_used} is out of range [1, {n_expert}]")
+        n_ff = need("expert_feed_forward_length") if f"{arch}.expert_feed_forward_length" in g.metadata \
+            else need("feed_forward_length")
+    else:
+        n_ff = need("feed_forward_length")
+    n_ff_shexp = 0
+    if a.get("shared_expert"):
+        n_ff_shexp = need("expert_shared_feed_forward_length") \
+            if f"{arch}.expert_shared_feed_forward_length" in g.metadata else n_ff
     from edgert.kernels.quant import TYPE_NAMES
     return ModelConfig(
         arch=arch,
@@ -112,7 +144,7 @@ def config_from_gguf(g) -> ModelConfig:
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
-        n_ff=need("feed_forward_length"),
+        n_ff=n_ff,
         n_ctx_train=need("context_length"),
         rms_eps=need("attention.layer_norm_rms_epsilon", float, 0.0),
         rope_base=float(g.get(f"{arch}.rope.freq_base", 10000.0)),
@@ -130,4 +162,9 @@ def config_from_gguf(g) -> ModelConfig:
         rope_base_swa=float(g.get(f"{arch}.rope.freq_base_swa", a.get("rope_base_swa", 10000.0))),
         tied_embeddings="output.weight" not in g.tensors,
         file_type=", ".join(sorted({TYPE_NAMES.get(t.qtype, str(t.qtype)) for t in g.tensors.values()})),
+        n_expert=n_expert,
+        n_expert_used=n_used,
+        moe_norm_w=a.get("moe_norm_w", True),
+        n_ff_shexp=n_ff_shexp,
+        qk_norm_full=a.get("qk_norm_full", False),
     )

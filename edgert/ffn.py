@@ -76,6 +76,9 @@ class StoreStats:
         self.recall_hits = 0        # selected neurons that the exact gate also keeps (measured runs)
         self.recall_total = 0
         self.tokens = 0
+        self.hits = self.misses = 0                 # routed experts found cached / read on demand
+        self.predicted = self.predicted_right = 0   # experts prefetched / of those, routed next
+        self.routed_predicted = 0                    # routed experts of the layers that had a prediction
 
     def as_dict(self) -> dict:
         n = max(self.tokens, 1)
@@ -87,4 +90,8 @@ class StoreStats:
             "bytes_read_per_token": self.bytes_read / n,
             "io_wait_s": self.io_wait_s,
             "tokens": self.tokens,
+            "expert_hit_rate": self.hits / (self.hits + self.misses) if self.hits + self.misses else None,
+            "expert_hits": self.hits, "expert_misses": self.misses,
+            "prefetch_recall": self.predicted_right / self.routed_predicted if self.routed_predicted else None,
+            "prefetch_precision": self.predicted_right / self.predicted if self.predicted else None,
         }

@@ -85,7 +85,7 @@ def make_ops(c: ModelConfig) -> SimpleNamespace:
     return SimpleNamespace(
         embed=embed_rows, attn_norm=rmsnorm, qkv=matmuls, qk_norm=rmsnorm, rope=rope,
         store_kv=KVCache.store, attention=KVCache.attend, attn_out=matmul, post_attn_norm=rmsnorm,
-        ffn_norm=rmsnorm, gate_up=matmuls, act=geglu if c.ffn_act == "gelu" else swiglu,
+        ffn_norm=rmsnorm, router=matmul, gate_up=matmuls, act=geglu if c.ffn_act == "gelu" else swiglu,
         ffn_down=matmul, post_ffn_norm=rmsnorm, out_norm=rmsnorm, output=matmul)
 
 
@@ -95,12 +95,14 @@ def load_weights(g: GGUFFile, c: ModelConfig, ffn: int | None = None, gate: bool
     FFN matrices of the first `ffn` layers (default all; the gate alone with gate), the embedding table and the output
     matrix left on flash (FlashRows / FlashMatrix through reader) unless embd / output."""
     E, Dq, Dkv = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-    n_ffn = c.n_layer if ffn is None else ffn
+    n_ffn = 0 if c.moe else c.n_layer if ffn is None else ffn  # MoE: the expert store loads its own
 
     def opt_vec(name, n):
         return g.load_vector(name, n) if name in g.tensors else None
 
     def opt_ffn(name, rows, cols, keep):
+        if c.moe:
+            return None
         t = g.tensor(name)
         if (rows, cols) != (t.rows, t.cols):
             raise EdgertError(f"{g.path}: tensor '{name}' has shape {list(t.shape)}, expected [{cols}, {rows}]")
@@ -132,8 +134,8 @@ def load_weights(g: GGUFFile, c: ModelConfig, ffn: int | None = None, gate: bool
             bq=opt_vec(p + "attn_q.bias", Dq),
             bk=opt_vec(p + "attn_k.bias", Dkv),
             bv=opt_vec(p + "attn_v.bias", Dkv),
-            q_norm=g.load_vector(p + "attn_q_norm.weight", c.head_dim) if c.qk_norm else None,
-            k_norm=g.load_vector(p + "attn_k_norm.weight", c.head_dim) if c.qk_norm else None,
+            q_norm=g.load_vector(p + "attn_q_norm.weight", Dq if c.qk_norm_full else c.head_dim) if c.qk_norm else None,
+            k_norm=g.load_vector(p + "attn_k_norm.weight", Dkv if c.qk_norm_full else c.head_dim) if c.qk_norm else None,
             post_attn_norm=g.load_vector(p + "post_attention_norm.weight", E) if c.post_norms else None,
             ffn_norm=g.load_vector(p + "ffn_norm.weight", E),
             w_gate=opt_ffn(p + "ffn_gate.weight", c.n_ff, E, il < n_ffn or gate),
@@ -153,7 +155,7 @@ class Model:
                  before_weights=None, ffn: str = "auto", sparsity: float | None = None,
                  selector: str = "auto", hot_fraction: float = 0.5, verify: bool = True,
                  measure_recall: bool = False, cache_slots: int | None = None, cached_candidates: bool = True,
-                 kv: KVFormat | None = None):
+                 kv: KVFormat | None = None, prefetch: bool = True):
         """Load `path` (a GGUF file or an edgert package). Matrices are read through a FlashReader
         (O_DIRECT with direct_io, else buffered; `throttle` a FlashCurve imposing a device's
         flash); `tracer` records the load's reads and, attached, every op; expand_q5 holds Q5_0
@@ -163,9 +165,10 @@ class Model:
         (edgert/placement.py); sparsity / selector / hot_fraction: the NeuronStore's (packages);
         verify: check every tensor's sha256 of a package before its first use; measure_recall: hold the
         gate matrices too and count how many of the exactly active neurons the selector finds;
-        cache_slots: neuron-cache clusters per layer (default: what the budget leaves);
+        cache_slots: neuron-cache clusters (MoE: cached experts) per layer (default: what the budget leaves);
         cached_candidates: with the predictor, every neuron of a cached cluster is a candidate;
-        kv: the KV cache's format (edgert/kv_cache.py; default f16)."""
+        kv: the KV cache's format (edgert/kv_cache.py; default f16); prefetch: a mixture-of-experts
+        model's expert cache prefetches the next layer's predicted experts."""
         t0 = time.perf_counter()
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
@@ -180,6 +183,7 @@ class Model:
             residency.preload_kernels(residency.unneeded_kernels(qtypes, c.ffn_act, sparse=self.pkg is not None,
                                                                 kv_exact=self.kv_fmt.type_k == self.kv_fmt.type_v == "f16"))
             residency.release_compiler_pages()
+        self.prefetch = prefetch
         self.n_ctx = min(n_ctx or 4096, c.n_ctx_train) if n_ctx <= 0 else n_ctx
         self.n_batch_asked = n_batch
         self.n_batch = max(1, min(n_batch, self.kv_fmt.max_batch(self.n_ctx)))
@@ -245,11 +249,14 @@ class Model:
             self.act_e = ActBuffers(B, E)              # quantised activations of width n_embd
             self.act_q = ActBuffers(B, max(Dq, F))     # ... of width n_head * head_dim or n_ff
         self.ops = make_ops(c)
+        if cache_slots is not None and pl.ffn == "cached":  # experts a layer (mixture of experts)
+            pl.expert_slots = cache_slots
         if cache_slots is not None and pl.ffn == "sparse":
             pl.cache_bytes = cache_slots * c.n_layer * cluster_layout(
                 g.tensors["blk.0.ffn_gate.weight"].qtype, g.tensors["blk.0.ffn_up.weight"].qtype, c.n_embd,
                 self.pkg.C, self.pkg.down_type).nbytes
-        self.ffn_tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
+        self.ffn_tensors = None if c.moe else [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES)
+                                               for il in range(c.n_layer)]
         self.ffn = build_ffn(self, g, pl, hot_fraction, measure_recall, cached_candidates)
         g.close()
         # per layer: (attention window, rope theta scale, rope frequency scale), the last two
@@ -392,9 +399,10 @@ class Model:
             q += L.bq
             vw.k += L.bk
             vw.v += L.bv
-        if c.qk_norm:
-            ops.qk_norm(vw.qf, L.q_norm, c.rms_eps, vw.qf)
-            ops.qk_norm(vw.kf, L.k_norm, c.rms_eps, vw.kf)
+        if c.qk_norm:  # per head, or (olmoe) over the whole q / k vector
+            qn, kn = (q, vw.k) if c.qk_norm_full else (vw.qf, vw.kf)
+            ops.qk_norm(qn, L.q_norm, c.rms_eps, qn)
+            ops.qk_norm(kn, L.k_norm, c.rms_eps, kn)
         window, tscale, fscale = self.layer_args[il]
         ops.rope(q3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
         ops.rope(k3, pos0, c.n_rot, tscale, fscale, c.rope_neox)
@@ -434,6 +442,8 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
     """The FFN store of every layer, as the placement plan says (charged to the budget)."""
     c = m.cfg
     scratch = FFNScratch(m)
+    if c.moe:
+        return build_experts(m, g, pl, scratch)
     if pl.ffn == "dense":
         return [DenseFFN(L.w_gate, L.w_up, L.w_down, scratch) for L in m.layers]
     tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]
@@ -462,4 +472,37 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
         stores.append(s)
     m._charge("predictors", sum(s.a_q.nbytes + s.b_q.nbytes for s in stores))
     m._charge("neuron cache", sum(s.slots.nbytes for s in stores))
+    return stores
+
+
+def build_experts(m: Model, g: GGUFFile, pl, scratch) -> list:
+    """A mixture-of-experts model's stores (edgert/experts.py): routers and any shared expert
+    resident, the experts as the plan says (charged to the budget)."""
+    from edgert.experts import ExpertCache, ExpertStore, ResidentExperts, expert_matrices
+    c = m.cfg
+    E = c.n_embd
+    g.reader = None  # loading's reader is closed: routers and resident experts come from the mapping
+    layers = [expert_matrices(g, c, il) for il in range(c.n_layer)]
+    if pl.ffn == "dense":
+        experts = ResidentExperts(g, layers)
+        m._charge("experts", experts.nbytes)
+    else:
+        experts = ExpertCache(m.reader, layers, pl.expert_slots if pl.ffn == "cached" else 0, m.stats,
+                              prefetch=m.prefetch, k=c.n_expert_used)
+        m._charge("expert cache", experts.nbytes)
+    stores = []
+    for il, L in enumerate(m.layers):
+        p = f"blk.{il}."
+        shared = None
+        if c.n_ff_shexp:
+            F = c.n_ff_shexp
+            shared = (g.load(p + "ffn_gate_inp_shexp.weight", 1, E), g.load(p + "ffn_gate_shexp.weight", F, E),
+                      g.load(p + "ffn_up_shexp.weight", F, E), g.load(p + "ffn_down_shexp.weight", E, F))
+        s = ExpertStore(il, c, g.load(p + "ffn_gate_inp.weight", c.n_expert, E), experts, scratch, m.stats, m.x,
+                        shared=shared)
+        s.norm_w = L.ffn_norm
+        stores.append(s)
+    for a, b in zip(stores, stores[1:]):
+        a.next = b
+    m._charge("routers", sum(s.router.nbytes + (sum(w.nbytes for w in s.shared) if s.shared else 0) for s in stores))
     return stores

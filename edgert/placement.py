@@ -6,6 +6,10 @@
     stream    the FFN read from flash for every use (plain GGUF files bigger than the budget)
     flash     token-embedding rows read per token
 
+Mixture-of-experts models (edgert/experts.py): everything but the experts resident; the experts
+`dense` (all resident), `cached` (an expert cache of as many experts per layer as the budget
+leaves, with prefetch) or `stream` (every routed expert read from flash on every use).
+
 Computed from the file's tensors, the context and batch sizes, and the memory left after the
 process's measured fixed cost (interpreter, libraries, kernels, tokenizer). `--ffn` forces a
 choice; `auto` keeps the FFN resident when everything fits, else caches it (package) or streams it.
@@ -38,6 +42,7 @@ class Placement:
     cache_bytes: int = 0      # neuron cache, all layers (sparse)
     n_batch: int = 512        # prompt batch the scratch is sized for
     dense_layers: int = 0     # stream: the first layers whose FFN is resident all the same
+    expert_slots: int = 0     # cached experts per layer (mixture-of-experts, ffn cached)
 
     @property
     def peak(self) -> int:
@@ -47,6 +52,8 @@ class Placement:
         """The plan, as llama.cpp prints its offload summary."""
         out = [f"placement: ffn {self.ffn}" + (f" ({self.selector} selector, sparsity {self.sparsity:g}, "
                                                 f"neuron cache {mib(self.cache_bytes)})" if self.ffn == "sparse" else "")
+               + (f" (expert cache: {self.expert_slots} experts a layer, {mib(self.cache_bytes)})"
+                  if self.ffn == "cached" else "")
                + (f" ({self.dense_layers} layers resident)" if self.ffn == "stream" and self.dense_layers else "")
                + f", token embedding {self.embd}, LM head {self.output}",
                f"placement: fixed process cost {mib(self.fixed)} measured + "
@@ -80,7 +87,7 @@ def _lm_head_to_flash(p: Placement, g, by):
 def _peak(plan: dict) -> int:
     """Peak bytes of a plan: loading's staging is released before the caches, KV cache and
     scratch are allocated, so it counts only where it is larger than them."""
-    late = sum(v for k, v in plan.items() if k not in ("weights", "embedding", "ffn", "ffn gate (resident)",
+    late = sum(v for k, v in plan.items() if k not in ("weights", "embedding", "ffn", "ffn gate (resident)", "experts",
                                                          "ffn (resident layers)", "predictors", "load staging"))
     return sum(plan.values()) - late - plan.get("load staging", 0) + max(late, plan.get("load staging", 0))
 
@@ -90,6 +97,8 @@ def _role(name: str) -> str:
         return "package"
     if name.endswith(FFN_NAMES):
         return "ffn"
+    if name.startswith("blk.") and any(f".{k}." in name for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
+        return "experts"
     if name == "token_embd.weight":
         return "embd"
     return "other"
@@ -113,7 +122,7 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
           kv_fmt) -> Placement:
     from edgert.streamed import staging_bytes
     from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
-    by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0}
+    by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0, "experts": 0}
     stg = {}  # the largest loading transient of each kind of matrix: only what is loaded counts
     staging = 0
     for n, t in g.tensors.items():
@@ -126,6 +135,9 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
             by["vectors"] += t.nbytes
             continue
         g.check_type(n)
+        if role == "experts":  # the expert store's (_plan_experts)
+            by["experts"] += repacked_nbytes(t.qtype, t.rows, t.cols)
+            continue
         held = Q8_0 if g.expand_q5 and t.qtype == Q5_0 else t.qtype
         b = repacked_nbytes(held, t.rows, t.cols)
         by[role] += b
@@ -138,6 +150,8 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
         staging = max(staging, stg[key])
     tied = "output.weight" not in g.tensors
     kv = kv_bytes(c, n_ctx, kv_fmt)
+    if c.moe:
+        return _plan_experts(g, c, n_ctx, n_batch, limit, fixed, mode, source, kv_fmt, by, stg, staging, tied)
     dense = {"weights": by["other"] + by["vectors"], "kv cache": kv,
              "scratch": scratch_bytes(c, n_batch), "load staging": staging, "embedding": by["embd"], "ffn": by["ffn"]}
     auto = mode == "auto"
@@ -220,4 +234,53 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
             (["an edgert package runs it sparse from flash (edgert convert)"] if pkg is None else [])
         raise EdgertError(f"{g.path}: needs {mib(need)} resident ({parts}) on top of the process's fixed cost "
                           f"{mib(fixed)} but the memory budget is {mib(limit)} ({source}); " + "; ".join(hints))
+    return p
+
+
+def _plan_experts(g, c, n_ctx, n_batch, limit, fixed, mode, source, kv_fmt, by, stg, staging, tied) -> Placement:
+    """A mixture-of-experts model: the non-expert weights resident, the experts as the budget allows."""
+    from edgert.experts import ExpertCache, expert_matrices
+    avail = limit - fixed - SLACK
+    if avail <= 0:
+        raise EdgertError(f"{g.path}: the memory budget {mib(limit)} ({source}) is below this process's fixed cost "
+                          f"{mib(fixed)} (interpreter, libraries, kernels, tokenizer) + {mib(SLACK)} slack")
+    if mode not in ("auto", "dense", "stream", "cached", "sparse"):
+        raise EdgertError(f"--ffn {mode}: must be auto, dense, stream or cached for a mixture-of-experts model")
+    layers = [expert_matrices(g, c, il) for il in range(c.n_layer)]
+    k = c.n_expert_used
+    plan = {"weights": by["other"] + by["vectors"], "embedding": by["embd"], "kv cache": kv_bytes(c, n_ctx, kv_fmt),
+            "scratch": scratch_bytes(c, n_batch), "load staging": staging}
+    if mode == "auto":
+        mode = "dense" if _peak({**plan, "experts": by["experts"]}) <= avail else "cached"
+    mode = "cached" if mode == "sparse" else mode
+    p = Placement(mode, "resident", "resident", "router", 0.0, fixed, limit, plan, n_batch=n_batch)
+    if mode == "dense":
+        plan["experts"] = by["experts"]
+    else:
+        p.n_batch = min(n_batch, SMALL_BATCH)
+        plan["scratch"] = scratch_bytes(c, p.n_batch)
+        if not tied and _peak(plan) + ExpertCache.plan_bytes(layers, k, k) > avail:
+            _lm_head_to_flash(p, g, by)
+        plan["load staging"] = _loaded_staging(p, stg, tied, False)
+        if mode == "stream":
+            plan["expert staging"] = ExpertCache.plan_bytes(layers, 0, k)
+        else:
+            room = avail - _peak(plan)
+            slots = c.n_expert
+            while slots >= k and ExpertCache.plan_bytes(layers, slots, k) > room:
+                slots -= 1
+            if slots < k:
+                raise EdgertError(
+                    f"{g.path}: the memory budget {mib(limit)} ({source}) leaves {mib(max(room, 0))} for the expert "
+                    f"cache after the fixed cost {mib(fixed)} and " + ", ".join(f"{n} {mib(v)}" for n, v in plan.items() if v)
+                    + f"; at least {mib(ExpertCache.plan_bytes(layers, k, k))} ({k} experts a layer) is needed")
+            p.expert_slots = slots
+            p.cache_bytes = ExpertCache.plan_bytes(layers, slots, k)
+            plan["expert cache"] = p.cache_bytes
+    need = _peak(plan)
+    if need > avail:
+        parts = ", ".join(f"{n} {mib(v)}" for n, v in plan.items() if v)
+        raise EdgertError(f"{g.path}: needs {mib(need)} resident ({parts}) on top of the process's fixed cost "
+                          f"{mib(fixed)} but the memory budget is {mib(limit)} ({source}); lower -c / --ctx-size "
+                          f"or use --ffn cached / stream")
     return p

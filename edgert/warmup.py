@@ -18,6 +18,7 @@ ARCH_SHAPES = {
     "llama": {},
     "qwen2": {},
     "gemma3": dict(n_layer=6, head_dim=128, n_head=4, n_head_kv=1),
+    "qwen2moe": {},   # mixture of experts: router, shared expert, expert cache (edgert/experts.py)
 }
 
 
@@ -36,6 +37,10 @@ def warmup() -> int:
             m = Model(path, n_ctx=32, n_batch=8)
             m.forward(np.arange(3, 13), all_logits=True)  # two batches: prefill
             m.decode_one_token(5)                          # decode
+            if arch == "qwen2moe":  # experts from flash: cache and prefetch
+                m = Model(path, n_ctx=32, n_batch=8, ffn="cached", cache_slots=3)
+                m.forward(np.arange(3, 13))
+                m.decode_one_token(5)
             if arch == "llama":  # the KV cache formats (per row, auto's tiers), then the sparse FFN
                 from edgert.kv_cache import KVFormat
                 for fmt in (KVFormat("q8_0", "q8_0"), KVFormat("auto", "auto", 6.0)):
@@ -59,7 +64,7 @@ def warmup() -> int:
 def _count_signatures() -> int:
     import importlib
     n = 0
-    for mod in ("quant", "matmul", "norm", "rope", "attention", "activation", "sparse", "kv_quant"):
+    for mod in ("quant", "matmul", "norm", "rope", "attention", "activation", "sparse", "kv_quant", "moe"):
         m = importlib.import_module(f"edgert.kernels.{mod}")
         for obj in vars(m).values():
             n += len(getattr(obj, "signatures", []) or [])

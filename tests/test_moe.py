@@ -1,0 +1,199 @@
+"""Mixture-of-experts: every layout against llama.cpp on tiny random-weight GGUFs, the router
+kernel against a NumPy reference, the expert cache (streamed == resident, bit for bit), bad input.
+"""
+import numpy as np
+import pytest
+
+from edgert.errors import EdgertError
+from edgert.model import Model
+
+ALL = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output")
+# max |edgert - llama.cpp| / max |llama.cpp| with the default mixed types (K-quant experts):
+# llama.cpp computes each routed token through mul_mat_id, whose K-quant products round
+# differently from its mul_mat's (measured here: 4.4e-7 llama, 8.7e-7 qwen2moe, 1.5e-6 qwen3moe;
+# olmoe 4.9e-4, one router decision flipped by such a last-bit difference)
+MIXED_TOLERANCE = {"llama": 1e-5, "qwen2moe": 1e-5, "qwen3moe": 1e-5, "olmoe": 2e-3}
+
+
+def _write(tmp_path, arch, types=None, **kw):
+    from edgert.converters.tiny import write_tiny_gguf
+    return write_tiny_gguf(str(tmp_path / f"{arch}.gguf"), arch, n_layer=3, types=types,
+                           n_expert=8 if arch == "llama" else 0, **kw)
+
+
+def _llama_logits(llama_cpp, path, toks):
+    ll = llama_cpp.Llama(path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    ll.eval(list(map(int, toks)))
+    batch = np.array(ll.scores[:len(toks)], np.float32)
+    ll.reset()
+    step = []
+    for t in toks:
+        ll.eval([int(t)])
+        step.append(np.array(ll.scores[ll.n_tokens - 1], np.float32))
+    return batch, np.stack(step)
+
+
+def _edgert_logits(path, toks, **kw):
+    m = Model(path, n_ctx=64, n_batch=7, **kw)  # batches of 7: prefill crosses batch boundaries
+    batch = m.forward(toks, all_logits=True)
+    m.reset()
+    return batch, np.stack([m.decode_one_token(int(t)) for t in toks]), m
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "olmoe"])
+def test_moe_layouts_bit_identical_with_llama_cpp(arch, llama_cpp, tmp_path):
+    """Q8_0 throughout (Q8_0 token embedding): router, top-k, renormalisation, shared expert and
+    the slot-ordered sum are llama.cpp's operations, so prefill and decode logits are its bits."""
+    path = _write(tmp_path, arch, {k: 8 for k in ALL})
+    toks = np.random.default_rng(1).integers(3, 320, 20)
+    got, step, m = _edgert_logits(path, toks)
+    ref, ref_step = _llama_logits(llama_cpp, path, toks)
+    assert m.cfg.n_expert == 8 and m.cfg.n_expert_used == 2
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(step.view(np.uint32), ref_step.view(np.uint32))
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "olmoe"])
+def test_moe_layouts_mixed_types_match_llama_cpp(arch, llama_cpp, tmp_path):
+    path = _write(tmp_path, arch)
+    toks = np.random.default_rng(1).integers(3, 320, 20)
+    got, step, _ = _edgert_logits(path, toks)
+    ref, ref_step = _llama_logits(llama_cpp, path, toks)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < MIXED_TOLERANCE[arch]
+    assert np.abs(step - ref_step).max() / np.abs(ref_step).max() < MIXED_TOLERANCE[arch]
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+def _route_reference(logits, k, norm_w):
+    """softmax, top-k (stable: lower index first on ties), optional renormalisation, in float64."""
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, idx, 1)
+    if norm_w:
+        w /= w.sum(1, keepdims=True)
+    return idx, w
+
+
+@pytest.mark.parametrize("n,k,norm_w", [(8, 2, True), (16, 2, False), (60, 4, False), (64, 8, True), (5, 1, True)])
+def test_route_matches_reference(n, k, norm_w):
+    from edgert.kernels.moe import route, top_k
+    rng = np.random.default_rng(n * 10 + k)
+    logits = (rng.standard_normal((33, n)) * 3).astype(np.float32)
+    idx = np.empty((33, k), np.int32)
+    w = np.empty((33, k), np.float32)
+    route(logits, k, norm_w, idx, w)
+    ridx, rw = _route_reference(logits, k, norm_w)
+    assert np.array_equal(idx, ridx)
+    assert np.allclose(w, rw, rtol=2e-6, atol=0)
+    tk = np.empty((33, k), np.int32)
+    top_k(logits, k, tk)  # the same order without the softmax
+    assert np.array_equal(tk, ridx)
+
+
+def test_route_ties_pick_lower_index():
+    from edgert.kernels.moe import route
+    logits = np.zeros((1, 8), np.float32)
+    logits[0, [5, 2, 7]] = 1.0
+    idx, w = np.empty((1, 2), np.int32), np.empty((1, 2), np.float32)
+    route(logits, 2, True, idx, w)
+    assert idx.tolist() == [[2, 5]] and np.allclose(w, 0.5)
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    from edgert.converters.tiny import write_tiny_gguf
+    return write_tiny_gguf(str(tmp_path_factory.mktemp("moe") / "m.gguf"), "qwen2moe", n_layer=3)
+
+
+def _run(path, toks, n_prompt=9, **kw):
+    m = Model(path, n_ctx=64, n_batch=7, **kw)
+    a = m.forward(toks[:n_prompt], all_logits=True)
+    b = np.stack([m.decode_one_token(int(t)) for t in toks[n_prompt:]])
+    return np.concatenate([a, b]), m
+
+
+@pytest.mark.parametrize("kw", [dict(ffn="stream"), dict(ffn="cached", cache_slots=2),
+                                dict(ffn="cached", cache_slots=3, prefetch=False), dict(ffn="cached", cache_slots=8)],
+                         ids=["stream", "cache2", "cache3-noprefetch", "cache-all"])
+def test_streamed_experts_equal_resident_bit_for_bit(moe_path, kw):
+    toks = np.random.default_rng(2).integers(3, 320, 24)
+    ref, _ = _run(moe_path, toks, ffn="dense")
+    got, m = _run(moe_path, toks, direct_io=True, **kw)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    st = m.stats.as_dict()
+    assert m.reader.mode in ("O_DIRECT", "fadvise")
+    per_expert = sum(x.nbytes for x in m.ffn[0].experts.layers[0][0])
+    # decode: 2 experts a layer and token; prefill: each routed expert once per batch and layer
+    assert 3 * 2 * 15 + 3 * 2 <= st["expert_hits"] + st["expert_misses"] <= 3 * 2 * 15 + 3 * 16
+    if kw["ffn"] == "stream":  # every routed expert read on every use
+        assert st["expert_hits"] == 0 and st["prefetch_recall"] is None
+        assert m.stats.bytes_read == st["expert_misses"] * per_expert
+    if kw.get("cache_slots") == 8:  # everything fits: each expert read once at most
+        assert st["expert_misses"] <= 3 * 8
+    if kw.get("prefetch", True) and kw["ffn"] == "cached":
+        assert 0.0 <= st["prefetch_recall"] <= 1.0 and st["prefetch_precision"] is not None
+
+
+def test_expert_cache_eviction_prefers_frequent_experts():
+    """LRU with a frequency bias: an expert routed often survives a gap that evicts a one-off."""
+    from edgert.experts import ExpertCache, ExpertMatrix
+    from edgert.ffn import StoreStats
+
+    class Reader:  # no file: reads complete at once with zeros
+        def submit(self, offset, out):
+            from concurrent.futures import Future
+            out[:] = 0
+            f = Future()
+            f.set_result(None)
+            return f
+
+    mats = [[tuple(ExpertMatrix(f"e{e}", 8, 32, 32, 0, 32 * 34) for _ in range(3)) for e in range(6)]]
+    st = StoreStats()
+    c = ExpertCache(Reader(), mats, slots=3, stats=st, prefetch=False, k=1)
+
+    def call(e):
+        c.begin(0, np.array([e]))
+        c.get(0, e, st)
+    for e in (0, 0, 0, 0, 1, 2):   # 0 used four times, 1 and 2 once
+        call(e)
+    call(3)                        # evicts 1 (least recent of the rarely used), not 0
+    assert set(c.cached[0]) == {0, 2, 3}
+    assert (st.hits, st.misses) == (3, 4)
+
+
+def test_moe_bad_input(tmp_path):
+    from test_gguf import _rewrite
+    from edgert.converters.tiny import write_tiny_gguf
+    path = write_tiny_gguf(str(tmp_path / "m.gguf"), "llama", n_layer=2, n_expert=4)
+
+    def with_meta(name, key, value):
+        class Field:  # what _rewrite reads of a gguf field
+            types = None
+
+            def contents(self):
+                return value
+
+        def mutate(meta, tensors):
+            f = Field()
+            f.types = meta[key].types
+            meta[key] = f
+        return _rewrite(path, str(tmp_path / name), mutate)
+
+    def without(name, tensor):
+        return _rewrite(path, str(tmp_path / name), lambda meta, tensors: tensors.remove(
+            next(t for t in tensors if t[0] == tensor)))
+
+    with pytest.raises(EdgertError, match=r"expert_used_count' = 5 is out of range \[1, 4\]"):
+        Model(with_meta("k.gguf", "llama.expert_used_count", 5))
+    with pytest.raises(EdgertError, match=r"expert_count' = 9999 is out of range"):
+        Model(with_meta("n.gguf", "llama.expert_count", 9999))
+    with pytest.raises(EdgertError, match=r"expert_used_count' = 0 is out of range"):
+        Model(with_meta("z.gguf", "llama.expert_used_count", 0))
+    with pytest.raises(EdgertError, match="missing tensor 'blk.1.ffn_up_exps.weight'"):
+        Model(without("t.gguf", "blk.1.ffn_up_exps.weight"))
+    with pytest.raises(EdgertError, match="missing tensor 'blk.0.ffn_gate_inp.weight'"):
+        Model(without("r.gguf", "blk.0.ffn_gate_inp.weight"))
