@@ -13,7 +13,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64
 export NUMBA_CACHE_DIR ?= $(CACHE)/numba
 PROMPT ?= The three most useful things to know about running language models on a phone are
 
-.PHONY: setup run test test-nojit warmup models bench clean
+.PHONY: setup run test test-nojit warmup models moe bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,14 @@ $(FIXTURES)/.done-2: | $(BIN)/python
 
 warmup: setup
 	$(BIN)/edgert warmup
+
+# pydocs-moe: the mixture of experts trained here (about 25 minutes on 2 cores, once), with the
+# torch extra; its held-out text lands beside it (pydocs-heldout.txt)
+MODELS := $(CACHE)/models
+moe: $(MODELS)/pydocs-moe.gguf
+$(MODELS)/pydocs-moe.gguf: | setup
+	$(BIN)/pip install --quiet -e ".[train]"
+	$(BIN)/python -m edgert.converters.train_moe --out $(MODELS)/pydocs-moe.f16.gguf --quantized $@
 
 models: setup
 	$(BIN)/edgert pull smollm2-135m gemma3-270m qwen2.5-coder-0.5b

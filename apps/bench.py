@@ -40,7 +40,8 @@ def build_parser():
                    help="enforce each budget as a cgroup v1 memory cap on every worker (root; the "
                         "files' page cache dropped before each start; llama.cpp without weight repacking)")
     p.add_argument("--ffn", default="auto", help="edgert FFN placements to run, comma-separated "
-                                                 "(auto, dense, stream, sparse)")
+                                                 "(auto, dense, stream, sparse; mixture of experts: cached)")
+    p.add_argument("--prefetch", default="on", help="expert prefetch (mixture of experts), comma-separated: on, off")
     p.add_argument("--sparsity", default=None, help="sparse FFN sparsities, comma-separated (package levels)")
     p.add_argument("--selector", default="predictor", help="sparse FFN selectors, comma-separated (predictor, gate)")
     p.add_argument("--isa", default="auto", help="edgert kernel instruction sets to run, comma-separated "
@@ -129,6 +130,9 @@ def main(argv) -> int:
     ffns = [x.strip() for x in args.ffn.split(",") if x.strip()]
     sps = [float(x) for x in args.sparsity.split(",")] if args.sparsity else [None]
     sels = [x.strip() for x in args.selector.split(",") if x.strip()]
+    pfs = [x.strip() for x in args.prefetch.split(",") if x.strip()]
+    if any(x not in ("on", "off") for x in pfs):
+        raise EdgertError(f"--prefetch {args.prefetch}: must be on, off or both")
     sources = {p: source_of(p, args.source) for p in paths} if args.baseline else {}
     kv = kv_format(args)
     from edgert.kv_eval import LLAMA_TYPES  # llama.cpp runs the same KV types where it has them, else f16
@@ -148,8 +152,9 @@ def main(argv) -> int:
             for f in ffns:
                 for sp in (sps if f == "sparse" else [None]):
                     for sel in (sels if f == "sparse" else [None]):
-                        vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel),
-                                                           ("kv", kv)) + kc))
+                        for pf in (pfs if f == "cached" else ["on"]):
+                            vs.append(Variant("edgert", path, (("ffn", f), ("sparsity", sp), ("selector", sel),
+                                                               ("kv", kv), ("prefetch", pf == "on")) + kc))
         if args.baseline:
             vs.append(Variant(args.baseline, sources[path], ll_kv))
         return vs
@@ -243,6 +248,8 @@ def record(r, bw, meta) -> dict:
         "killed": r.killed, "sparsity": r.stats.get("sparsity"), "predictor_recall": r.stats.get("predictor_recall"),
         "neuron_hit_rate": r.stats.get("neuron_hit_rate"), "bytes_read_per_token": r.stats.get("bytes_read_per_token"),
         "io_wait_s": r.stats.get("io_wait_s"), "ffn": r.stats.get("ffn"), "kv": r.stats.get("kv"),
+        "expert_hit_rate": r.stats.get("expert_hit_rate"), "prefetch_recall": r.stats.get("prefetch_recall"),
+        "prefetch_precision": r.stats.get("prefetch_precision"), "prefetch": r.stats.get("prefetch"),
         "kv_bytes": r.stats.get("kv_bytes"), "kv_types": r.stats.get("kv_hist"),
     }
 
@@ -251,11 +258,14 @@ def markdown(results, bw) -> str:
     base = {(r.model, r.threads, r.test, r.mem_budget_bytes): r for r in results if r.backend == "llama.cpp"}
     has_base = bool(base)
     budgets = any(r.mem_budget_bytes for r in results)
-    sparse = any(r.stats.get("ffn") in ("sparse", "stream") for r in results)
+    is_moe = lambda r: bool(r.stats.get("expert_hits") or r.stats.get("expert_misses"))
+    sparse = any(r.stats.get("ffn") in ("sparse", "stream") and not is_moe(r) for r in results)
+    moe = any(is_moe(r) for r in results)
     kvcol = any(r.stats.get("kv", "K f16 V f16") != "K f16 V f16" for r in results)
     head = ["model", "size", "params", "backend", "threads", "test"] + (["budget"] if budgets else []) + \
         ["t/s", "GB/s", "peak RSS"] + (["ffn: sparsity / hit / MiB read per token / I/O wait"] if sparse else []) + \
-        (["KV cache: type / bytes vs f16 / bits in use"] if kvcol else [])
+        (["KV cache: type / bytes vs f16 / bits in use"] if kvcol else []) + \
+        (["experts: placement / hit / prefetch recall, precision / MiB read per token / I/O wait"] if moe else [])
     if has_base:
         head.append("vs llama.cpp")
     rows = []
@@ -270,7 +280,7 @@ def markdown(results, bw) -> str:
                 f"{r.peak_rss_bytes / 2**20:.0f} MiB" if r.samples_ns else ""]
         if sparse:
             st = r.stats
-            if st.get("ffn") in ("sparse", "stream"):
+            if st.get("ffn") in ("sparse", "stream") and not is_moe(r):
                 hit = "-" if st.get("neuron_hit_rate") is None else f"{st['neuron_hit_rate']:.0%}"
                 row.append(f"{st['sparsity']:.0%} / {hit} / {st['bytes_read_per_token'] / 2**20:.1f} / "
                            f"{st['io_wait_s'] / max(st['tokens'], 1) * 1e3:.0f} ms")
@@ -281,6 +291,13 @@ def markdown(results, bw) -> str:
             hist = st.get("kv_hist") or {}
             row.append(st.get("kv", "") + (f" / {st['kv_vs_f16']:.3f} / {hist.get('bits_in_use', 0):.2f}"
                                            if "kv_bytes" in st else ""))
+        if moe:
+            st = r.stats
+            pct = lambda v: "-" if v is None else f"{v:.0%}"
+            row.append(f"{st.get('ffn', '')}{'' if st.get('prefetch', True) or st.get('ffn') != 'cached' else ' (no prefetch)'}"
+                       f" / {pct(st.get('expert_hit_rate'))} / {pct(st.get('prefetch_recall'))}, "
+                       f"{pct(st.get('prefetch_precision'))} / {st.get('bytes_read_per_token', 0) / 2**20:.2f} / "
+                       f"{st.get('io_wait_s', 0) / max(st.get('tokens', 1), 1) * 1e3:.1f} ms" if st.get("ffn") else "")
         if has_base:
             b = base.get((r.model, r.threads, r.test, r.mem_budget_bytes))
             ok = b is not None and r.backend != "llama.cpp" and b.samples_ns and r.samples_ns

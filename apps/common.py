@@ -24,10 +24,13 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
     p.add_argument("--expand-q5", action="store_true", default=env("EDGERT_EXPAND_Q5") == "1",
                    help="hold Q5_0 matrices as 8-bit: faster Q5_0 products for 1.5x their memory "
                         "[env EDGERT_EXPAND_Q5=1]")
-    p.add_argument("--ffn", default=env("EDGERT_FFN"), choices=("auto", "dense", "stream", "sparse"),
+    p.add_argument("--ffn", default=env("EDGERT_FFN"), choices=("auto", "dense", "stream", "sparse", "cached"),
                    help="where the FFN lives: resident (dense), read from flash every use (stream), or "
-                        "sparse from a neuron cache (packages); auto: dense when it fits the budget "
-                        "[env EDGERT_FFN]")
+                        "sparse from a neuron cache (packages); a mixture of experts: experts resident "
+                        "(dense), in an expert cache (cached) or read on every use (stream); auto: dense "
+                        "when it fits the budget [env EDGERT_FFN]")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="mixture of experts: do not prefetch the next layer's predicted experts")
     p.add_argument("--sparsity", type=float, default=float(env("EDGERT_SPARSITY")) if env("EDGERT_SPARSITY") else None,
                    help="FFN sparsity of sparse decode, one of the package's calibrated levels "
                         "[env EDGERT_SPARSITY; default: the package's recipe]")
@@ -160,7 +163,8 @@ def load(args):
                   expand_q5=getattr(args, "expand_q5", False), before_weights=make_tokenizer,
                   ffn=getattr(args, "ffn", "auto"), sparsity=getattr(args, "sparsity", None),
                   selector=getattr(args, "selector", "auto"), hot_fraction=getattr(args, "hot_fraction", 0.5),
-                  measure_recall=getattr(args, "measure_recall", False), kv=kv_format(args))
+                  measure_recall=getattr(args, "measure_recall", False), kv=kv_format(args),
+                  prefetch=getattr(args, "prefetch", True))
     return model, made[0]
 
 

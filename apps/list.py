@@ -11,7 +11,11 @@ def main(argv) -> int:
     print(f"models directory: {models_dir()}")
     print(f"{'NAME':<22} {'SIZE':>9}  {'INSTALLED':<9}  DESCRIPTION")
     for name, e in reg["models"].items():
-        mark = "yes" if local_path(name).exists() else "-"
+        have = local_path(name).exists()
+        mark = "yes" if have else "-"
         dflt = " (default)" if name == reg["default"] else ""
-        print(f"{name:<22} {e['size'] / 1e6:7.0f}MB  {mark:<9}  {e['description']}{dflt}")
+        size = local_path(name).stat().st_size if have else e["size"]
+        size = f"{size / 1e6:7.0f}MB" if size else "      -  "
+        how = f" (built by `{e['build']}`)" if e.get("build") else ""
+        print(f"{name:<22} {size}  {mark:<9}  {e['description']}{dflt}{how}")
     return 0

@@ -28,6 +28,14 @@ def report_stats(model):
     st = model.stats.as_dict()
     if model.placement.ffn == "dense" and not st["bytes_read_per_token"]:
         return
+    io = (f"{st['bytes_read_per_token'] / 2**20:.2f} MiB read per token ({model.reader.mode if model.reader else '-'}), "
+          f"{st['io_wait_s'] * 1e3:.0f} ms waiting on I/O over {st['tokens']} tokens")
+    if model.cfg.moe:
+        pct = lambda v: "-" if v is None else f"{v:.1%}"
+        err(f"{'experts':>16} = {model.placement.ffn}: hit rate {pct(st['expert_hit_rate'])} ({st['expert_hits']} hits, "
+            f"{st['expert_misses']} misses), prefetch recall {pct(st['prefetch_recall'])} precision "
+            f"{pct(st['prefetch_precision'])}, " + io)
+        return
     hit = "-" if st["neuron_hit_rate"] is None else f"{st['neuron_hit_rate']:.1%}"
     err(f"{'ffn':>16} = {model.placement.ffn}: sparsity {st['sparsity']:.1%}, cluster hit rate {hit}, "
         f"{st['bytes_read_per_token'] / 2**20:.2f} MiB read per token ({model.reader.mode if model.reader else '-'}), "

@@ -181,3 +181,23 @@ def tiny_model_path(arch: str = "llama", **kw) -> str:
     """A tiny model in a temporary directory (for warm-up and tests)."""
     d = tempfile.mkdtemp(prefix="edgert-tiny-")
     return write_tiny_gguf(os.path.join(d, f"tiny-{arch}.gguf"), arch, **kw)
+
+
+# A Mixtral-like shape scaled down (Mixtral 8x7B: d 4096, FFN 14336 = 3.5 d, 32 layers, 8 experts,
+# top-2, 32 query / 8 KV heads of 128): the FFN ratio, expert count, top-k and head size kept
+MIXTRAL_LIKE = dict(n_embd=1536, n_ff=5376, n_head=12, n_head_kv=4, head_dim=128, n_expert=8, n_expert_used=2)
+
+
+def write_random_moe(path: str, target_bytes: float = 2e9, qtype: int = Q4_0, seed: int = 0) -> str:
+    """A random-weight Mixtral-like MoE of about target_bytes (layers added until it is reached),
+    every matrix at qtype: for I/O benchmarks at a realistic shape, never for quality."""
+    from edgert.kernels.quant import row_bytes
+    s = MIXTRAL_LIKE
+    E, F, X = s["n_embd"], s["n_ff"], s["n_expert"]
+    Dq, Dkv = s["n_head"] * s["head_dim"], s["n_head_kv"] * s["head_dim"]
+    per_layer = X * 3 * F * row_bytes(qtype, E) + (2 * Dq + 2 * Dkv) * row_bytes(qtype, E)
+    n_layer = max(1, round(target_bytes / per_layer))
+    types = {k: qtype for k in DEFAULT_TYPES}
+    return write_tiny_gguf(path, "llama", n_layer=n_layer, types={**types, "token_embd": Q8_0}, seed=seed,
+                           n_vocab=512, **s)
+

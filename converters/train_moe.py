@@ -4,7 +4,8 @@ exported as a GGUF llama.cpp loads (mixtral layout: `llama` architecture with `e
 No MoE with trained weights exists on the package index (../shared/MODELS.md), and every number
 that depends on real routing (locality, skew, predictability, per-expert sensitivity) needs one.
 
-    python -m edgert.converters.train_moe --out ~/.cache/edgert/models/pydocs-moe.f16.gguf
+    python -m edgert.converters.train_moe --out ~/.cache/edgert/models/pydocs-moe.f16.gguf \
+        --quantized ~/.cache/edgert/models/pydocs-moe.gguf          # what `make moe` runs
 
 Corpus: Debian's `python3.11-doc` (`_sources/**/*.rst.txt`, PSF licence), every 10th file in
 sorted order held out for evaluation (written beside the model as `pydocs-heldout.txt`). Tokenizer:
@@ -233,6 +234,7 @@ def export_gguf(model, tok, s: Shape, path: Path, meta: dict):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="the GGUF to write (F16)")
+    ap.add_argument("--quantized", type=Path, help="also write this Q8_0 copy (llama.cpp's quantiser)")
     ap.add_argument("--docs", type=Path, help="python3.11-doc's _sources directory (default: download)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/edgert/corpus")
     ap.add_argument("--minutes", type=float, default=24.0, help="training wall-clock budget")
@@ -299,6 +301,10 @@ def main(argv=None):
     log.info("trained %s", meta)
     export_gguf(model, tok, s, a.out, meta)
     log.info("wrote %s", a.out)
+    if a.quantized:
+        from edgert.converters.quantize import quantize
+        quantize(str(a.out), str(a.quantized), "Q8_0", pure=True)
+        log.info("wrote %s", a.quantized)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ class EdgertRunner:
         # the tokenizer is built as `edgert run` builds it: its memory is part of the fixed cost
         self.m = Model(path, n_ctx=n_ctx, n_batch=512, budget=budget, ffn=opts.get("ffn", "auto"),
                        sparsity=opts.get("sparsity"), selector=opts.get("selector") or "auto",
-                       before_weights=lambda g: setattr(self, "tok", Tokenizer(g.metadata, path)), kv=opts.get("kv"))
+                       before_weights=lambda g: setattr(self, "tok", Tokenizer(g.metadata, path)), kv=opts.get("kv"),
+                       prefetch=opts.get("prefetch", True))
         self.n_vocab = self.m.cfg.n_vocab
 
     def reset(self):
@@ -93,6 +94,7 @@ class EdgertRunner:
         d = self.m.stats.as_dict()
         d["ffn"] = self.m.placement.ffn
         d["selector"] = self.m.placement.selector
+        d["prefetch"] = self.m.prefetch
         from edgert.kv_cache import f16_nbytes
         kv = self.m.kv
         d["kv"] = kv.fmt.label()

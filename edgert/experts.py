@@ -30,7 +30,8 @@ import numpy as np
 
 from edgert.errors import EdgertError
 from edgert.flash import aligned_empty
-from edgert.kernels.moe import route, shared_gate, top_k
+from edgert.kernels.matmul import matmul
+from edgert.kernels.moe import route, router_f32, shared_gate, top_k
 from edgert.kernels.norm import rmsnorm
 from edgert.kernels.quant import KQUANTS, QMatrix, TYPE_NAMES, repack, repacked_nbytes, row_bytes
 from edgert.settings import env
@@ -331,6 +332,25 @@ class ExpertStore:
         top_k(lg, self.k, self.pidx)
         nx.predicted = np.sort(self.pidx[0])
         self.experts.prefetch(nx.il, [int(e) for e in nx.predicted])
+
+
+def router_logits(w, x, out, act):
+    """out[T, n_expert] = x @ w.T: an F32 router (an array [n, E]) in llama.cpp's F32 order, else
+    the quantised matmul (act: the model's activation buffers)."""
+    if isinstance(w, np.ndarray):
+        router_f32(w, x, out)
+    else:
+        matmul(w, x, out, act)
+
+
+def load_router(g, name: str, rows: int, cols: int):
+    """A router matrix: F32 as a plain array [rows, cols] (router_logits), other types repacked."""
+    t = g.tensor(name)
+    if t.qtype == 0 and cols % 32 == 0:
+        if t.rows != rows or t.cols != cols or t.nbytes != 4 * rows * cols:
+            raise EdgertError(f"{g.path}: tensor '{name}' has shape {list(t.shape)}, expected [{cols}, {rows}]")
+        return g.raw(name).view(np.float32).reshape(rows, cols).copy()
+    return g.load(name, rows, cols)
 
 
 def _expert_ffn(g, u, d, x, y, s):

@@ -17,6 +17,7 @@ from edgert import residency
 from edgert.budget import MemoryBudget, kv_bytes, measured, rss, scratch_bytes
 from edgert.config import ModelConfig, config_from_gguf
 from edgert.errors import EdgertError
+from edgert.experts import router_logits
 from edgert.ffn import DenseFFN, FFNScratch, StoreStats, StreamFFN
 from edgert.kv_cache import KVCache, KVFormat
 from edgert.streamed import FlashMatrix, FlashRows, Streamer
@@ -85,7 +86,7 @@ def make_ops(c: ModelConfig) -> SimpleNamespace:
     return SimpleNamespace(
         embed=embed_rows, attn_norm=rmsnorm, qkv=matmuls, qk_norm=rmsnorm, rope=rope,
         store_kv=KVCache.store, attention=KVCache.attend, attn_out=matmul, post_attn_norm=rmsnorm,
-        ffn_norm=rmsnorm, router=matmul, gate_up=matmuls, act=geglu if c.ffn_act == "gelu" else swiglu,
+        ffn_norm=rmsnorm, router=router_logits, gate_up=matmuls, act=geglu if c.ffn_act == "gelu" else swiglu,
         ffn_down=matmul, post_ffn_norm=rmsnorm, out_norm=rmsnorm, output=matmul)
 
 
@@ -478,7 +479,7 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
 def build_experts(m: Model, g: GGUFFile, pl, scratch) -> list:
     """A mixture-of-experts model's stores (edgert/experts.py): routers and any shared expert
     resident, the experts as the plan says (charged to the budget)."""
-    from edgert.experts import ExpertCache, ExpertStore, ResidentExperts, expert_matrices
+    from edgert.experts import ExpertCache, ExpertStore, ResidentExperts, expert_matrices, load_router
     c = m.cfg
     E = c.n_embd
     g.reader = None  # loading's reader is closed: routers and resident experts come from the mapping
@@ -496,9 +497,9 @@ def build_experts(m: Model, g: GGUFFile, pl, scratch) -> list:
         shared = None
         if c.n_ff_shexp:
             F = c.n_ff_shexp
-            shared = (g.load(p + "ffn_gate_inp_shexp.weight", 1, E), g.load(p + "ffn_gate_shexp.weight", F, E),
+            shared = (load_router(g, p + "ffn_gate_inp_shexp.weight", 1, E), g.load(p + "ffn_gate_shexp.weight", F, E),
                       g.load(p + "ffn_up_shexp.weight", F, E), g.load(p + "ffn_down_shexp.weight", E, F))
-        s = ExpertStore(il, c, g.load(p + "ffn_gate_inp.weight", c.n_expert, E), experts, scratch, m.stats, m.x,
+        s = ExpertStore(il, c, load_router(g, p + "ffn_gate_inp.weight", c.n_expert, E), experts, scratch, m.stats, m.x,
                         shared=shared)
         s.norm_w = L.ffn_norm
         stores.append(s)

@@ -45,8 +45,9 @@ def resolve(model: str) -> str:
     if model in reg:
         p = local_path(model)
         if not p.exists():
-            raise EdgertError(f"model '{model}' is not pulled yet: run `edgert pull {model}` "
-                              f"(looked in {p.parent})")
+            how = reg[model].get("build")
+            raise EdgertError(f"model '{model}' is not " + (f"built yet: run `{how}`" if how else
+                              f"pulled yet: run `edgert pull {model}`") + f" (looked in {p.parent})")
         return str(p)
     if os.path.exists(model) or os.sep in model or model.endswith(".gguf"):
         return model
@@ -71,6 +72,8 @@ def pull(name: str, progress=None, verify_existing: bool = True) -> Path:
     if name not in reg:
         raise EdgertError(f"unknown model '{name}' (known: {', '.join(reg)})")
     entry = reg[name]
+    if entry.get("build"):
+        raise EdgertError(f"model '{name}' is built on this machine, not pulled: run `{entry['build']}`")
     target = local_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():

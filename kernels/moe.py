@@ -9,7 +9,35 @@ rounded to float32, clamped below at 6.1e-5, then a float32 division).
 import numba as nb
 import numpy as np
 
-from edgert.kernels.fmath import ggml_expf, hsum8
+from edgert.kernels.fmath import fma32, ggml_expf, hsum8, reduce_4x8
+
+
+@nb.njit(cache=True, nogil=True)
+def router_f32(w, x, out):
+    """out[T, n] = x[T, K] @ w[n, K].T for an F32 router in llama.cpp's order for F32 products on
+    x86 (AVX2). One token: ggml_vec_dot_f32, four accumulators of 8 lanes (element i in
+    accumulator i // 8 % 4, lane i % 8), reduced as GGML_F32x8_REDUCE; a batch: tinyBLAS, 8 lanes
+    each a fused multiply-add chain over elements l, l + 8, ..., then its horizontal sum. K a
+    multiple of 32."""
+    T, K = x.shape
+    lanes = np.empty(8, np.float32)
+    if T == 1:
+        acc = np.empty((4, 8), np.float32)
+        for r in range(w.shape[0]):
+            acc[:] = 0
+            for c in range(0, K, 32):
+                for a in range(4):
+                    for l in range(8):
+                        acc[a, l] = fma32(x[0, c + 8 * a + l], w[r, c + 8 * a + l], acc[a, l])
+            out[0, r] = reduce_4x8(acc)
+        return
+    for t in range(T):
+        for r in range(w.shape[0]):
+            lanes[:] = 0
+            for c in range(0, K, 8):
+                for l in range(8):
+                    lanes[l] = fma32(w[r, c + l], x[t, c + l], lanes[l])
+            out[t, r] = hsum8(lanes)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
