@@ -47,6 +47,9 @@ def build_parser():
     p.add_argument("--isa", default="auto", help="edgert kernel instruction sets to run, comma-separated "
                    "(auto, avx512vnni, avx2, portable: kernels/isa.py); each row names the one it ran")
     p.add_argument("--mode", default="exact", help="edgert kernel modes, comma-separated (exact, fast)")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="feed windows of this text's tokens (prompt and generation) instead of random ids "
+                        "and a fixed generated token: real routing for a mixture of experts")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON rows to FILE")
     p.add_argument("--png", default=None, metavar="FILE",
                    help="with several --mem-budget values: tok/s against the budget, per engine, as a PNG")
@@ -82,6 +85,27 @@ def source_of(path: str, explicit: str | None) -> str:
         if os.path.exists(c):
             return c
     raise EdgertError(f"{path}: its source {name} was not found beside it or among pulled models (--source)")
+
+
+def text_tokens(path: str, text_file: str):
+    """The text's token ids in the model's vocabulary (int32)."""
+    import numpy as np
+    from edgert.errors import EdgertError
+    from edgert.gguf_file import GGUFFile
+    from edgert.tokenizer import Tokenizer
+    try:
+        with open(text_file, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise EdgertError(f"--text {text_file}: cannot read ({e.strerror})") from None
+    g = GGUFFile(path)
+    try:
+        ids = np.array(Tokenizer(g.metadata, path).encode(text, add_special=False), np.int32)
+    finally:
+        g.close()
+    if len(ids) < 2:
+        raise EdgertError(f"--text {text_file}: no text to feed")
+    return ids
 
 
 def parse_budgets(text: str | None, size: int) -> list:
@@ -166,11 +190,12 @@ def main(argv) -> int:
     budgets_of = {p: parse_budgets(args.mem_budget, os.path.getsize(sources[p]) if p in sources
                                    else model_info(p)["model_size"]) for p in paths}
     tty = is_tty()
+    text_ids = {p: text_tokens(p, args.text) for p in paths} if args.text else None
     results = []
     for p in paths:  # budgets are relative to each model's source file
         results += run_bench([p], tests, threads, args.repetitions, backends, warmup=not args.no_warmup,
                              progress=(lambda s: err(f"\r{s:<78}") if tty else None), variants=variants,
-                             budgets=budgets_of[p], cap=args.cap)
+                             budgets=budgets_of[p], cap=args.cap, text_ids=text_ids)
     if tty:
         err("")
     bw = {t: memory_bandwidth(t) for t in threads}
@@ -250,6 +275,7 @@ def record(r, bw, meta) -> dict:
         "io_wait_s": r.stats.get("io_wait_s"), "ffn": r.stats.get("ffn"), "kv": r.stats.get("kv"),
         "expert_hit_rate": r.stats.get("expert_hit_rate"), "prefetch_recall": r.stats.get("prefetch_recall"),
         "prefetch_precision": r.stats.get("prefetch_precision"), "prefetch": r.stats.get("prefetch"),
+        "expert_slots": r.stats.get("expert_slots"), "n_expert": r.stats.get("n_expert"),
         "kv_bytes": r.stats.get("kv_bytes"), "kv_types": r.stats.get("kv_hist"),
     }
 
@@ -294,7 +320,8 @@ def markdown(results, bw) -> str:
         if moe:
             st = r.stats
             pct = lambda v: "-" if v is None else f"{v:.0%}"
-            row.append(f"{st.get('ffn', '')}{'' if st.get('prefetch', True) or st.get('ffn') != 'cached' else ' (no prefetch)'}"
+            slots = f" {st.get('expert_slots')}/{st.get('n_expert')}" if st.get("ffn") == "cached" else ""
+            row.append(f"{st.get('ffn', '')}{slots}{'' if st.get('prefetch', True) or st.get('ffn') != 'cached' else ' (no prefetch)'}"
                        f" / {pct(st.get('expert_hit_rate'))} / {pct(st.get('prefetch_recall'))}, "
                        f"{pct(st.get('prefetch_precision'))} / {st.get('bytes_read_per_token', 0) / 2**20:.2f} / "
                        f"{st.get('io_wait_s', 0) / max(st.get('tokens', 1), 1) * 1e3:.1f} ms" if st.get("ffn") else "")

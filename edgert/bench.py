@@ -4,7 +4,9 @@
 Each (model, backend) runs in its own worker process, so that its peak RSS is its own and
 neither backend's memory or threads disturb the other; the parent interleaves the backends'
 repetitions. Tokenisation and sampling are not timed: tokens are random ids, generation feeds
-back a fixed token, as llama-bench does.
+back a fixed token, as llama-bench does; or (text_ids) consecutive tokens of a real text from a
+random offset, prompt and generation alike: what a mixture of experts needs, whose routing (and
+so its expert cache) depends on the tokens.
 """
 from __future__ import annotations
 
@@ -95,6 +97,8 @@ class EdgertRunner:
         d["ffn"] = self.m.placement.ffn
         d["selector"] = self.m.placement.selector
         d["prefetch"] = self.m.prefetch
+        if self.m.cfg.moe:
+            d["expert_slots"], d["n_expert"] = self.m.placement.expert_slots, self.m.cfg.n_expert
         from edgert.kv_cache import f16_nbytes
         kv = self.m.kv
         d["kv"] = kv.fmt.label()
@@ -152,17 +156,25 @@ class LlamaCppRunner:
 RUNNERS = {"edgert": EdgertRunner, "llama.cpp": LlamaCppRunner}
 
 
-def _time_test(r, test: Test, rng) -> int:
+def _time_test(r, test: Test, rng, ids=None) -> int:
     """One repetition: depth (untimed), then the timed prompt and/or generation."""
     r.reset()
     lo = min(100, r.n_vocab - 1)
-    if test.n_depth:
-        r.prompt(rng.integers(lo, r.n_vocab, test.n_depth))
+    d, p, n = test.n_depth, test.n_prompt, test.n_gen
+    if ids is not None:  # a window of the text: depth, prompt, then the generated tokens
+        o = int(rng.integers(0, max(1, len(ids) - (d + p + n))))
+        seq = ids[o:o + d + p + n]
+        depth, prompt, gen = seq[:d], seq[d:d + p], [int(t) for t in seq[d + p:]]
+    else:
+        depth = rng.integers(lo, r.n_vocab, d) if d else None
+        prompt = rng.integers(lo, r.n_vocab, p) if p else None
+        gen = [int(rng.integers(lo, r.n_vocab))] * n
+    if d:
+        r.prompt(depth)
     t0 = time.perf_counter_ns()
-    if test.n_prompt:
-        r.prompt(rng.integers(lo, r.n_vocab, test.n_prompt))
-    tok = int(rng.integers(lo, r.n_vocab))
-    for _ in range(test.n_gen):
+    if p:
+        r.prompt(prompt)
+    for tok in gen:
         r.token(tok)
     return time.perf_counter_ns() - t0
 
@@ -171,9 +183,9 @@ def _worker(conn, backend, path, threads, n_ctx, opts, cap_path):
     if cap_path:  # into the memory cap before anything large is imported or read
         with open(os.path.join(cap_path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
-    import resource
-
     import numpy as np
+
+    from edgert.settings import peak_rss
     try:
         r = RUNNERS[backend](path, threads, n_ctx, opts)
         conn.send(("ready", None))
@@ -183,11 +195,13 @@ def _worker(conn, backend, path, threads, n_ctx, opts, cap_path):
             if msg is None:
                 break
             test, warm = msg
+            ids = opts.get("text_ids")
             if warm:  # llama-bench's warm-up: one short run of the same kind
-                _time_test(r, Test(min(test.n_prompt, 32), min(test.n_gen, 1), 0), rng)
+                _time_test(r, Test(min(test.n_prompt, 32), min(test.n_gen, 1), 0), rng, ids)
             r.reset_stats()
-            ns = _time_test(r, test, rng)
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            ns = _time_test(r, test, rng, ids)
+            # VmHWM, not ru_maxrss: a spawned worker's ru_maxrss starts at its parent's RSS at the fork
+            rss = peak_rss()
             conn.send(("ok", (ns, rss, r.stats())))
     except Exception as e:  # reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -258,11 +272,12 @@ class Variant:
 
 
 def run_bench(models, tests, threads_list, reps, backends, n_ctx=0, warmup=True, progress=None,
-              variants=None, budgets=(0,), cap=False):
+              variants=None, budgets=(0,), cap=False, text_ids=None):
     """-> list of Result, the variants interleaved repetition by repetition. variants(path) gives
     the Variants of a model (default: one per backend on the same file); budgets: memory budgets
     in bytes (0 = none), each applied to edgert and, with cap, as a cgroup v1 memory limit to
-    every worker, the page cache of the files dropped first."""
+    every worker, the page cache of the files dropped first; text_ids: {model path: token ids} of
+    a text whose windows the tests feed (see _time_test)."""
     from edgert.cgroup import MemoryCap, drop_file_cache
     results = []
     for path in models:
@@ -276,6 +291,8 @@ def run_bench(models, tests, threads_list, reps, backends, n_ctx=0, warmup=True,
                 try:
                     for v in vs:
                         opts = dict(v.opts)
+                        if text_ids and path in text_ids:
+                            opts["text_ids"] = text_ids[path]
                         if budget:
                             opts["mem_budget"] = budget
                             opts["no_repack"] = True

@@ -133,7 +133,7 @@ def scratch_bytes(c, B: int) -> int:
     acts = B * (3 * E + 2 * Dq + 2 * Dkv + 2 * F) * 4
     if c.n_expert:  # the expert store's: router logits, routes, weighted outputs, gathered tokens
         k = c.n_expert_used
-        acts += B * (c.n_expert + 2 * k + k * E + 2 * E) * 4
+        acts += B * (c.n_expert + 2 * k + k * E + 2 * E) * 4 + (E + k) * 4  # + the prediction's row
     K = max(Dq, F)
     act_q = B * (K + K // 32 + K // 16) * 4 + B * (E + E // 32 + E // 16) * 4 + B * (K + E)  # + int8 copies
     return acts + act_q + c.n_vocab * 4

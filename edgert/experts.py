@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -254,26 +255,35 @@ class ExpertCache:
         return mats
 
 
+def moe_buffers(cfg, B: int) -> SimpleNamespace:
+    """The expert stores' buffers for batches of B tokens (budget.scratch_bytes counts them)."""
+    E, X, k = cfg.n_embd, cfg.n_expert, cfg.n_expert_used
+    return SimpleNamespace(
+        logits=np.empty((B, X), np.float32),      # [B, n_expert] router logits
+        idx=np.empty((B, k), np.int32),           # [B, k] routed experts
+        w=np.empty((B, k), np.float32),           # [B, k] their weights
+        y=np.empty((B, k, E), np.float32),        # [B, k, n_embd] weighted expert outputs
+        xg=np.empty((B, E), np.float32),          # [B, n_embd] the tokens of one expert
+        yg=np.empty((B, E), np.float32),          # [B, n_embd]
+        h=np.empty((1, E), np.float32),           # [1, n_embd] next layer's router input
+        pidx=np.empty((1, k), np.int32))          # [1, k] predicted experts
+
+
 class ExpertStore:
     """One layer's MoE FFN (see the module docstring); `next` is layer il+1's store (prefetch)."""
 
     def __init__(self, il: int, cfg, router: QMatrix, experts, scratch, stats, resid,
-                 shared=None, norm_next=None):
+                 shared=None, bufs=None):
         self.il, self.c, self.router, self.experts, self.s, self.stats = il, cfg, router, experts, scratch, stats
         self.k, self.n_expert = cfg.n_expert_used, cfg.n_expert
         self.resid = resid                  # the model's residual stream [B, n_embd] (x before this FFN's output)
         self.shared = shared                # qwen2moe: (gate_inp_shexp [1, E], gate, up, down) or None
         self.next = None                    # layer il + 1's store (set by the model)
         self.predicted = None               # experts the previous layer predicted for this one
-        B, E, X = scratch.gate.shape[0], cfg.n_embd, cfg.n_expert
-        self.logits = np.empty((B, X), np.float32)           # [B, n_expert]
-        self.idx = np.empty((B, self.k), np.int32)           # [B, k]
-        self.w = np.empty((B, self.k), np.float32)           # [B, k]
-        self.y = np.empty((B, self.k, E), np.float32)        # [B, k, n_embd] weighted expert outputs
-        self.xg = np.empty((B, E), np.float32)               # [B, n_embd] the tokens of one expert
-        self.yg = np.empty((B, E), np.float32)               # [B, n_embd]
-        self.h = np.empty((1, E), np.float32)                # [1, n_embd] next layer's router input
-        self.pidx = np.empty((1, self.k), np.int32)          # [1, k] predicted experts
+        b = bufs if bufs is not None else moe_buffers(cfg, scratch.gate.shape[0])
+        # every layer's store shares one set (the layers run in turn): scratch_bytes counts it once
+        self.logits, self.idx, self.w, self.y, self.xg, self.yg, self.h, self.pidx = (
+            b.logits, b.idx, b.w, b.y, b.xg, b.yg, b.h, b.pidx)
 
     def __call__(self, xn, out):
         T, ops, s = xn.shape[0], self.s.ops, self.s

@@ -479,7 +479,7 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
 def build_experts(m: Model, g: GGUFFile, pl, scratch) -> list:
     """A mixture-of-experts model's stores (edgert/experts.py): routers and any shared expert
     resident, the experts as the plan says (charged to the budget)."""
-    from edgert.experts import ExpertCache, ExpertStore, ResidentExperts, expert_matrices, load_router
+    from edgert.experts import ExpertCache, ExpertStore, ResidentExperts, expert_matrices, load_router, moe_buffers
     c = m.cfg
     E = c.n_embd
     g.reader = None  # loading's reader is closed: routers and resident experts come from the mapping
@@ -491,7 +491,7 @@ def build_experts(m: Model, g: GGUFFile, pl, scratch) -> list:
         experts = ExpertCache(m.reader, layers, pl.expert_slots if pl.ffn == "cached" else 0, m.stats,
                               prefetch=m.prefetch, k=c.n_expert_used)
         m._charge("expert cache", experts.nbytes)
-    stores = []
+    stores, bufs = [], moe_buffers(c, m.n_batch)
     for il, L in enumerate(m.layers):
         p = f"blk.{il}."
         shared = None
@@ -500,10 +500,11 @@ def build_experts(m: Model, g: GGUFFile, pl, scratch) -> list:
             shared = (load_router(g, p + "ffn_gate_inp_shexp.weight", 1, E), g.load(p + "ffn_gate_shexp.weight", F, E),
                       g.load(p + "ffn_up_shexp.weight", F, E), g.load(p + "ffn_down_shexp.weight", E, F))
         s = ExpertStore(il, c, load_router(g, p + "ffn_gate_inp.weight", c.n_expert, E), experts, scratch, m.stats, m.x,
-                        shared=shared)
+                        shared=shared, bufs=bufs)
         s.norm_w = L.ffn_norm
         stores.append(s)
     for a, b in zip(stores, stores[1:]):
         a.next = b
-    m._charge("routers", sum(s.router.nbytes + (sum(w.nbytes for w in s.shared) if s.shared else 0) for s in stores))
+    # the shared expert's router is a vector, already in "weights"
+    m._charge("routers", sum(s.router.nbytes + (sum(w.nbytes for w in s.shared[1:]) if s.shared else 0) for s in stores))
     return stores

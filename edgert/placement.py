@@ -121,7 +121,7 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
 def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident,
           kv_fmt) -> Placement:
     from edgert.streamed import staging_bytes
-    from edgert.kernels.quant import Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
+    from edgert.kernels.quant import CHUNK_ROWS, Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
     by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0, "experts": 0}
     stg = {}  # the largest loading transient of each kind of matrix: only what is loaded counts
     staging = 0
@@ -139,14 +139,15 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
             by["experts"] += repacked_nbytes(t.qtype, t.rows, t.cols)
             continue
         held = Q8_0 if g.expand_q5 and t.qtype == Q5_0 else t.qtype
-        b = repacked_nbytes(held, t.rows, t.cols)
+        router = n.endswith("ffn_gate_inp.weight") and t.qtype == 0 and t.cols % 32 == 0
+        b = t.nbytes if router else repacked_nbytes(held, t.rows, t.cols)  # an F32 router: a plain array
         by[role] += b
         if n.endswith("ffn_gate.weight"):
             by["gate"] += b
         if n == "output.weight":
             by["output"] = b
         key = "output" if n == "output.weight" else ("gate" if n.endswith("ffn_gate.weight") else role)
-        stg[key] = max(stg.get(key, 0), repack_staging_bytes(t.qtype, t.cols))
+        stg[key] = max(stg.get(key, 0), repack_staging_bytes(t.qtype, t.cols, min(t.rows, CHUNK_ROWS)))
         staging = max(staging, stg[key])
     tied = "output.weight" not in g.tensors
     kv = kv_bytes(c, n_ctx, kv_fmt)
@@ -265,10 +266,12 @@ def _plan_experts(g, c, n_ctx, n_batch, limit, fixed, mode, source, kv_fmt, by, 
         if mode == "stream":
             plan["expert staging"] = ExpertCache.plan_bytes(layers, 0, k)
         else:
-            room = avail - _peak(plan)
+            # the cache is allocated after loading's staging is freed: the largest that fits the peak
+            cache = lambda n: _peak({**plan, "expert cache": ExpertCache.plan_bytes(layers, n, k)})
             slots = c.n_expert
-            while slots >= k and ExpertCache.plan_bytes(layers, slots, k) > room:
+            while slots >= k and cache(slots) > avail:
                 slots -= 1
+            room = avail - _peak({**plan, "load staging": 0})
             if slots < k:
                 raise EdgertError(
                     f"{g.path}: the memory budget {mib(limit)} ({source}) leaves {mib(max(room, 0))} for the expert "

@@ -43,11 +43,19 @@ def test_plan_equals_allocations(tiny_models, expand_q5):
         b = MemoryBudget(2**40, "test")
         m = Model(path, n_ctx=64, n_batch=16, budget=b, expand_q5=expand_q5)
         got = b.by_category()
-        assert got["weights"] == m.plan["weights"] + m.plan["embedding"] + m.plan["ffn"], arch
+        if m.cfg.moe:  # routers and shared experts are in the plan's weights; the experts are their own
+            assert got["weights"] + got["routers"] == m.plan["weights"] + m.plan["embedding"], arch
+            assert got["experts"] == m.plan["experts"], arch
+        else:
+            assert got["weights"] == m.plan["weights"] + m.plan["embedding"] + m.plan["ffn"], arch
         assert b.fixed > 50 * 2**20  # the process's measured RSS when it planned
         assert got["kv cache"] == m.plan["kv cache"] == m.kv.nbytes
         bufs = [m.x, m.xn, m.q, m.k, m.v, m.att, m.o, m.gate, m.up]
         acts = [a for ab in (m.act_e, m.act_q) for a in (ab.xq, ab.x8, ab.xd, ab.xs)]
+        if m.cfg.moe:  # one set of the expert stores' buffers, shared by the layers
+            s0 = m.ffn[0]
+            bufs += [s0.logits, s0.idx, s0.w, s0.y, s0.xg, s0.yg, s0.h, s0.pidx]
+            assert all(s.y is s0.y for s in m.ffn)
         logits_row = m.cfg.n_vocab * 4
         assert got["scratch"] == sum(a.nbytes for a in bufs + acts) + logits_row, arch
         assert "load staging" not in got  # released after loading
