@@ -13,7 +13,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64
 export NUMBA_CACHE_DIR ?= $(CACHE)/numba
 PROMPT ?= The three most useful things to know about running language models on a phone are
 
-.PHONY: setup run test test-nojit warmup models moe bench clean
+.PHONY: setup run test test-nojit warmup models moe random-moe bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,11 @@ moe: $(MODELS)/pydocs-moe.gguf
 $(MODELS)/pydocs-moe.gguf: | setup
 	$(BIN)/pip install --quiet -e ".[train]"
 	$(BIN)/python -m edgert.converters.train_moe --out $(MODELS)/pydocs-moe.f16.gguf --quantized $@
+
+# the random-weight Mixtral-like MoE (about 2 GB, Q4_0) of the expert-swapping benchmark: I/O and
+# speed only, never quality (docs/experts.md)
+random-moe: setup
+	$(BIN)/python -m edgert.converters.tiny $(MODELS)/random-moe-2g.gguf 2e9
 
 models: setup
 	$(BIN)/edgert pull smollm2-135m gemma3-270m qwen2.5-coder-0.5b

@@ -275,7 +275,7 @@ def record(r, bw, meta) -> dict:
         "io_wait_s": r.stats.get("io_wait_s"), "ffn": r.stats.get("ffn"), "kv": r.stats.get("kv"),
         "expert_hit_rate": r.stats.get("expert_hit_rate"), "prefetch_recall": r.stats.get("prefetch_recall"),
         "prefetch_precision": r.stats.get("prefetch_precision"), "prefetch": r.stats.get("prefetch"),
-        "expert_slots": r.stats.get("expert_slots"), "n_expert": r.stats.get("n_expert"),
+        "expert_slots": r.stats.get("expert_slots"), "experts_total": r.stats.get("experts_total"),
         "kv_bytes": r.stats.get("kv_bytes"), "kv_types": r.stats.get("kv_hist"),
     }
 
@@ -320,7 +320,7 @@ def markdown(results, bw) -> str:
         if moe:
             st = r.stats
             pct = lambda v: "-" if v is None else f"{v:.0%}"
-            slots = f" {st.get('expert_slots')}/{st.get('n_expert')}" if st.get("ffn") == "cached" else ""
+            slots = f" {st.get('expert_slots')}/{st.get('experts_total')}" if st.get("ffn") == "cached" else ""
             row.append(f"{st.get('ffn', '')}{slots}{'' if st.get('prefetch', True) or st.get('ffn') != 'cached' else ' (no prefetch)'}"
                        f" / {pct(st.get('expert_hit_rate'))} / {pct(st.get('prefetch_recall'))}, "
                        f"{pct(st.get('prefetch_precision'))} / {st.get('bytes_read_per_token', 0) / 2**20:.2f} / "

@@ -201,3 +201,11 @@ def write_random_moe(path: str, target_bytes: float = 2e9, qtype: int = Q4_0, se
     return write_tiny_gguf(path, "llama", n_layer=n_layer, types={**types, "token_embd": Q8_0}, seed=seed,
                            n_vocab=512, **s)
 
+
+
+if __name__ == "__main__":  # make random-moe: the ~2 GB Mixtral-like file of the expert benchmark
+    import sys
+    out = sys.argv[1]
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        write_random_moe(out, float(sys.argv[2]) if len(sys.argv) > 2 else 2e9)

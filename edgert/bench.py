@@ -98,7 +98,8 @@ class EdgertRunner:
         d["selector"] = self.m.placement.selector
         d["prefetch"] = self.m.prefetch
         if self.m.cfg.moe:
-            d["expert_slots"], d["n_expert"] = self.m.placement.expert_slots, self.m.cfg.n_expert
+            c = self.m.cfg
+            d["expert_slots"], d["experts_total"] = self.m.placement.expert_slots, c.n_expert * c.n_layer
         from edgert.kv_cache import f16_nbytes
         kv = self.m.kv
         d["kv"] = kv.fmt.label()

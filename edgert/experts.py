@@ -130,14 +130,22 @@ class _Entry:
         self.e, self.mats, self.buf, self.futs, self.last, self.origin = e, None, None, None, last, origin
 
 
+def expert_shares(slots: int, n_layer: int) -> list:
+    """slots spread over the layers: every layer gets slots // n_layer, the first slots % n_layer
+    one more (0 slots: streaming, no shares)."""
+    return [slots // n_layer + (il < slots % n_layer) for il in range(n_layer)]
+
+
 class ExpertCache:
-    """Per layer `slots` experts held (repacked) in RAM, the others read from flash when routed.
+    """`slots` experts held (repacked) in RAM, shared out evenly over the layers (expert_shares),
+    the others read from flash when routed.
 
     slots = 0 streams: each routed expert is read when routed, used and dropped (no cache, no
     prefetch; the reads of one call in flight together, as many as there are staging buffers)."""
 
     def __init__(self, reader, layers, slots: int, stats, prefetch: bool = True, k: int = 2):
         self.reader, self.layers, self.slots = reader, layers, slots     # layers: [il][e] -> ExpertMatrix triple
+        self.share = expert_shares(slots, len(layers))                   # [il] experts layer il may hold
         self.stats = stats                                               # StoreStats (bytes, I/O wait)
         self.stream = slots == 0
         self.prefetch_on = prefetch and not self.stream
@@ -155,10 +163,13 @@ class ExpertCache:
 
     @staticmethod
     def plan_bytes(layers, slots: int, k: int) -> int:
-        """RAM of a cache of `slots` experts per layer (0: streaming) with its staging."""
+        """RAM of a cache of `slots` experts in all (0: streaming) with its staging: held experts
+        (streaming: as many as reads in flight) + the one a call still computes with when its
+        entry is evicted + the staging buffers."""
         held = max(held_nbytes(ms) for lay in layers for ms in lay)
         n = max(raw_nbytes(ms) for lay in layers for ms in lay)
-        return (slots or 2 * k) * len(layers) * held + max(2, 2 * k) * n
+        n_stage = max(2, 2 * k)
+        return ((slots or n_stage) + 1) * held + n_stage * n
 
     @property
     def nbytes(self) -> int:
@@ -204,7 +215,7 @@ class ExpertCache:
     def _admit(self, il, e, keep, origin) -> "_Entry | None":
         """A new entry for e, its read queued; evicts if the layer's share is full (None: all kept)."""
         d = self.cached[il]
-        if len(d) >= (self.slots or self.n_stage):
+        if len(d) >= (self.share[il] or self.n_stage):
             v = self._victim(il, keep)
             if v is None:
                 return None

@@ -251,7 +251,7 @@ class Model:
             self.act_q = ActBuffers(B, max(Dq, F))     # ... of width n_head * head_dim or n_ff
         self.ops = make_ops(c)
         if cache_slots is not None and pl.ffn == "cached":  # experts a layer (mixture of experts)
-            pl.expert_slots = cache_slots
+            pl.expert_slots = cache_slots * c.n_layer
         if cache_slots is not None and pl.ffn == "sparse":
             pl.cache_bytes = cache_slots * c.n_layer * cluster_layout(
                 g.tensors["blk.0.ffn_gate.weight"].qtype, g.tensors["blk.0.ffn_up.weight"].qtype, c.n_embd,

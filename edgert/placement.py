@@ -42,7 +42,7 @@ class Placement:
     cache_bytes: int = 0      # neuron cache, all layers (sparse)
     n_batch: int = 512        # prompt batch the scratch is sized for
     dense_layers: int = 0     # stream: the first layers whose FFN is resident all the same
-    expert_slots: int = 0     # cached experts per layer (mixture-of-experts, ffn cached)
+    expert_slots: int = 0     # cached experts over all layers (mixture-of-experts, ffn cached; experts.expert_shares)
 
     @property
     def peak(self) -> int:
@@ -52,7 +52,7 @@ class Placement:
         """The plan, as llama.cpp prints its offload summary."""
         out = [f"placement: ffn {self.ffn}" + (f" ({self.selector} selector, sparsity {self.sparsity:g}, "
                                                 f"neuron cache {mib(self.cache_bytes)})" if self.ffn == "sparse" else "")
-               + (f" (expert cache: {self.expert_slots} experts a layer, {mib(self.cache_bytes)})"
+               + (f" (expert cache: {self.expert_slots} experts, {mib(self.cache_bytes)})"
                   if self.ffn == "cached" else "")
                + (f" ({self.dense_layers} layers resident)" if self.ffn == "stream" and self.dense_layers else "")
                + f", token embedding {self.embd}, LM head {self.output}",
@@ -260,7 +260,8 @@ def _plan_experts(g, c, n_ctx, n_batch, limit, fixed, mode, source, kv_fmt, by, 
     else:
         p.n_batch = min(n_batch, SMALL_BATCH)
         plan["scratch"] = scratch_bytes(c, p.n_batch)
-        if not tied and _peak(plan) + ExpertCache.plan_bytes(layers, k, k) > avail:
+        L = c.n_layer
+        if not tied and _peak(plan) + ExpertCache.plan_bytes(layers, L, k) > avail:
             _lm_head_to_flash(p, g, by)
         plan["load staging"] = _loaded_staging(p, stg, tied, False)
         if mode == "stream":
@@ -268,15 +269,17 @@ def _plan_experts(g, c, n_ctx, n_batch, limit, fixed, mode, source, kv_fmt, by, 
         else:
             # the cache is allocated after loading's staging is freed: the largest that fits the peak
             cache = lambda n: _peak({**plan, "expert cache": ExpertCache.plan_bytes(layers, n, k)})
-            slots = c.n_expert
-            while slots >= k and cache(slots) > avail:
-                slots -= 1
+            lo, hi = L, L * c.n_expert  # at least one expert a layer; the largest total that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if cache(mid) <= avail else (lo, mid - 1)
+            slots = lo
             room = avail - _peak({**plan, "load staging": 0})
-            if slots < k:
+            if cache(slots) > avail:
                 raise EdgertError(
                     f"{g.path}: the memory budget {mib(limit)} ({source}) leaves {mib(max(room, 0))} for the expert "
                     f"cache after the fixed cost {mib(fixed)} and " + ", ".join(f"{n} {mib(v)}" for n, v in plan.items() if v)
-                    + f"; at least {mib(ExpertCache.plan_bytes(layers, k, k))} ({k} experts a layer) is needed")
+                    + f"; at least {mib(ExpertCache.plan_bytes(layers, L, k))} (one expert a layer) is needed")
             p.expert_slots = slots
             p.cache_bytes = ExpertCache.plan_bytes(layers, slots, k)
             plan["expert cache"] = p.cache_bytes
