@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from edgert.apps.common import add_kv_args, err, is_tty, kv_format, save_json, save_png
+from edgert.apps.common import add_kv_args, err, is_tty, kv_format, pyplot, save_json, save_png
 
 
 def _ints(s):
@@ -128,6 +128,8 @@ def parse_budgets(text: str | None, size: int) -> list:
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.png:
+        pyplot()  # before the run: a missing matplotlib is a one-line error, not lost work
     from edgert.apps.common import model_path
     from edgert.bench import Test, build_commit, run_bench
     from edgert.probes import cpu_info, memory_bandwidth
@@ -230,9 +232,7 @@ def main(argv) -> int:
 
 def plot_budgets(results, path):
     """tok/s against the memory budget (share of the model file), one line per engine and test."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({(r.backend, r.test.name) for r in results}):
         pts = sorted((r.mem_budget_bytes / r.info["model_size"] * 100, r.avg_ts) for r in results

@@ -114,6 +114,18 @@ def save_json(path: str, rows):
     write_atomic(path, lambda f: json.dump(rows, f, indent=1))
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (the plot extra), or a one-line error."""
+    try:
+        import matplotlib
+    except ImportError:
+        from edgert.errors import EdgertError
+        raise EdgertError("--png needs matplotlib: pip install 'edgert[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_png(fig, path: str):
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
 

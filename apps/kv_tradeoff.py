@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgert.apps.common import err, model_path, read_text, save_json, save_png, setup_threads
+from edgert.apps.common import err, model_path, pyplot, read_text, save_json, save_png, setup_threads
 
 
 def build_parser():
@@ -36,6 +36,8 @@ def _list(s):
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.png:
+        pyplot()  # before the run: a missing matplotlib is a one-line error, not lost work
     from edgert.kv_cache import KVFormat, layout
     from edgert.kv_eval import compare, uniform_bits
     from edgert.model import Model
@@ -78,9 +80,7 @@ def main(argv) -> int:
 
 def plot(rows, title, path):
     """Perplexity and KL against bits per value, a line per kind (rows as compare() makes them)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     base = rows[0]["ppl"]
     for ax, key, lab in ((axes[0], "ppl", "perplexity"), (axes[1], "kl", "mean KL vs f16 KV")):

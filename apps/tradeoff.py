@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgert.apps.common import err, read_text, save_json, save_png, setup_threads
+from edgert.apps.common import err, pyplot, read_text, save_json, save_png, setup_threads
 
 
 def build_parser():
@@ -30,6 +30,8 @@ def build_parser():
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.png:
+        pyplot()  # before the run: a missing matplotlib is a one-line error, not lost work
     from edgert.errors import EdgertError
     from edgert.model import Model
     from edgert.perplexity import perplexity
@@ -80,9 +82,7 @@ def dense_name(path):
 
 def plot(rows, base, title, path):
     """Perplexity against measured sparsity, a line per selector (rows as main() makes them)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for sel in sorted({r["selector"] for r in rows} - {"dense"}):
         pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["selector"] == sel)

@@ -135,9 +135,9 @@ def _run(path, toks, n_prompt=9, **kw):
     return np.concatenate([a, b]), m
 
 
-@pytest.mark.parametrize("kw", [dict(ffn="stream"), dict(ffn="cached", cache_slots=2),
+@pytest.mark.parametrize("kw", [dict(ffn="stream"), dict(ffn="cached", cache_slots=1), dict(ffn="cached", cache_slots=2),
                                 dict(ffn="cached", cache_slots=3, prefetch=False), dict(ffn="cached", cache_slots=8)],
-                         ids=["stream", "cache2", "cache3-noprefetch", "cache-all"])
+                         ids=["stream", "cache1-below-top-k", "cache2", "cache3-noprefetch", "cache-all"])
 def test_streamed_experts_equal_resident_bit_for_bit(moe_path, kw):
     toks = np.random.default_rng(2).integers(3, 320, 24)
     ref, _ = _run(moe_path, toks, ffn="dense")
