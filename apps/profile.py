@@ -46,6 +46,11 @@ def decode_run(model, ids, n, tracer=None):
                        kv_mib=model.n_past * per_tok_kv / 2**20)
         tracer.counter("bytes read", bytes=model.load_io["bytes"])
         tracer.counter("kv cache", **model.kv.histogram(model.n_past))  # positions per type, bits in use
+        st = model.stats  # the runtime's flash reads (streamed FFN, neuron or expert cache), cumulative
+        tracer.counter("flash reads", mib=st.bytes_read / 2**20, io_wait_ms=st.io_wait_s * 1e3)
+        if model.cfg.moe:
+            tracer.counter("experts", hits=st.hits, misses=st.misses, predicted=st.predicted,
+                           predicted_right=st.predicted_right)
     t = decode_fixed(model, ids, n, before=mark, after=sample if tracer is not None else None)
     return start[0], float(t.sum())
 
@@ -79,8 +84,20 @@ def main(argv) -> int:
     io = model.load_io
     err(f"\nI/O (loading weights, {io['mode']}): {io['requests']} requests, {io['bytes'] / 2**20:.1f} MiB in "
         f"{io['wall_s'] * 1e3:.0f} ms ({io['bytes'] / max(io['wall_s'], 1e-9) / 1e9:.2f} GB/s), "
-        f"max latency {io['max_latency_s'] * 1e3:.2f} ms; decode reads 0 bytes (every weight resident)")
-    err("caches: none in this configuration (dense model, every weight resident)")
+        f"max latency {io['max_latency_s'] * 1e3:.2f} ms")
+    st, pl = model.stats.as_dict(), model.placement
+    if pl.ffn == "dense" and pl.embd == "resident" and pl.output == "resident":
+        err("decode: every weight resident, no flash reads; caches: none in this configuration")
+    else:  # the runtime's reads over every run above (warm-up, untraced and traced)
+        err(f"decode (ffn {pl.ffn}, token embedding {pl.embd}, LM head {pl.output}): "
+            f"{model.stats.bytes_read / 2**20:.1f} MiB read from flash, I/O wait {st['io_wait_s'] * 1e3:.0f} ms")
+        pct = lambda v: "-" if v is None else f"{v:.0%}"
+        if model.cfg.moe and pl.ffn == "cached":
+            err(f"caches: expert cache {pl.expert_slots} experts ({pl.cache_bytes / 2**20:.1f} MiB): hit rate "
+                f"{pct(st['expert_hit_rate'])}, prefetch recall {pct(st['prefetch_recall'])} precision "
+                f"{pct(st['prefetch_precision'])}")
+        elif pl.ffn == "sparse":
+            err(f"caches: neuron cache {pl.cache_bytes / 2**20:.1f} MiB: hit rate {pct(st['neuron_hit_rate'])}")
     err("RSS: " + "  ->  ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in rss)
         + f"   (peak {peak_rss() / 2**20:.0f} MiB; a sample per token in the trace)")
     err(f"decode: {1 / t_plain:.2f} tok/s untraced, {1 / t_traced:.2f} tok/s traced: tracer cost "

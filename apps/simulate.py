@@ -73,7 +73,11 @@ def main(argv) -> int:
           f"({1 / d['total']:.1f} tok/s) = compute {d['compute'] * 1e3:.2f} + memory traffic "
           f"{d['memory'] * 1e3:.2f} ({d['bytes'] / 1e6:.1f} MB at {sc.bandwidth / 1e9:.1f} GB/s) + fixed "
           f"costs and interpreter {d['fixed'] * 1e3:.2f} + flash 0.00 - overlap {d['overlap'] * 1e3:.2f}")
-    print("  flash during decode: 0 bytes (every weight is resident; nothing is offloaded in this engine yet)")
+    if not model.stats.bytes_read:
+        print(f"  flash during decode: 0 bytes (ffn {model.placement.ffn}: every weight resident)")
+    else:  # measured on this host; the device's flash time is not in the model above
+        print(f"  flash during decode: {model.stats.as_dict()['bytes_read_per_token'] / 2**20:.2f} MiB a token "
+              f"measured here (ffn {model.placement.ffn}); its device flash time is not modelled (flash 0.00)")
     if prof.name != "host":
         print(f"  scaling from this host: kernel work x{sc.compute:.2f} (peak vector throughput of the cores "
               f"used), fixed costs x{sc.fixed:.2f} (clock of the fastest core), memory at "

@@ -73,11 +73,19 @@ def decode_ops(model, pos: int) -> list[Op]:
             ops.append(small("post_attn_norm", il, "rmsnorm", E, 8 * E))
         # a FFN not resident (streamed or sparse) is modelled as its dense product: an upper bound
         # on its work, its bytes as memory traffic (flash reads are not in this model)
-        w_gate, w_up, w_down = ((L.w_gate, L.w_up, L.w_down) if L.w_up is not None else model.ffn_tensors[il])
-        ops += [small("ffn_norm", il, "rmsnorm", E, 8 * E),
-                mm("gate_up", il, (w_gate, w_up)),
-                small("act", il, "geglu" if c.ffn_act == "gelu" else "swiglu", c.n_ff, 12 * c.n_ff),
-                mm("ffn_down", il, (w_down,))]
+        ops.append(small("ffn_norm", il, "rmsnorm", E, 8 * E))
+        if c.moe:  # top-k experts of expert 0's shapes, their bytes as memory traffic (the router,
+            # n_expert x n_embd, is not modelled: no probe calibrates it and it is small)
+            g, u, d = model.ffn[il].experts.layers[il][0]
+            k = c.n_expert_used
+            ops += [mm("gate_up", il, (g, u) * k),
+                    small("act", il, "swiglu", k * g.rows, 12 * k * g.rows),
+                    mm("ffn_down", il, (d,) * k)]
+        else:
+            w_gate, w_up, w_down = ((L.w_gate, L.w_up, L.w_down) if L.w_up is not None else model.ffn_tensors[il])
+            ops += [mm("gate_up", il, (w_gate, w_up)),
+                    small("act", il, "geglu" if c.ffn_act == "gelu" else "swiglu", c.n_ff, 12 * c.n_ff),
+                    mm("ffn_down", il, (w_down,))]
         if L.post_ffn_norm is not None:
             ops.append(small("post_ffn_norm", il, "rmsnorm", E, 8 * E))
     ops += [small("out_norm", -1, "rmsnorm", E, 8 * E), mm("output", -1, (model.output,))]

@@ -103,6 +103,7 @@ class ResidentExperts:
     """Every expert's matrices in RAM."""
 
     def __init__(self, g, layers):
+        self.layers = layers                                                                 # [il][e] -> ExpertMatrix triple
         self.m = [[tuple(_load(g, x) for x in ms) for ms in experts] for experts in layers]   # [il][e] -> (g, u, d)
         self.nbytes = sum(w.nbytes for lay in self.m for ms in lay for w in ms)
 

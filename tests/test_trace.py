@@ -68,6 +68,23 @@ def test_profile_cli_writes_trace(tiny_models, tmp_path):
     assert any(e["ph"] == "X" and e.get("cat") == "io" for e in ev)
 
 
+def test_profile_cli_mixture_of_experts_cached(tiny_models, tmp_path):
+    """A mixture of experts from an expert cache: expert and flash counters per token in the trace,
+    the summary reporting the cache rather than 'every weight resident'."""
+    out = tmp_path / "p.json"
+    r = run_cli("profile", "-m", tiny_models["qwen2moe"], "-n", "4", "-r", "1", "-t", "1", "--ffn", "cached",
+                "--mem-budget", "1GB", "--trace", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "decode (ffn cached" in r.stderr and "caches: expert cache" in r.stderr, r.stderr
+    ev = json.loads(out.read_text())["traceEvents"]
+    experts = [e["args"] for e in ev if e["ph"] == "C" and e["name"] == "experts"]
+    reads = [e["args"] for e in ev if e["ph"] == "C" and e["name"] == "flash reads"]
+    assert len(experts) == len(reads) >= 4
+    hm = [a["hits"] + a["misses"] for a in experts]
+    assert hm == sorted(hm) and hm[-1] > hm[0]  # cumulative, and every token routes experts
+    assert reads[-1]["mib"] > 0  # experts were read from flash
+
+
 def test_simulate_cli_on_a_device(tiny_models):
     r = run_cli("simulate", "-m", tiny_models["llama"], "--device", "raspberry-pi-5-8gb", "-n", "3", "-r", "1",
                 "--every", "1")
