@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from edgert.apps.common import add_kv_args, err, is_tty, kv_format, pyplot, save_json, save_png
+from edgert.apps.common import add_kv_args, err, is_tty, kv_format, pct, pyplot, save_json, save_png
 
 
 def _ints(s):
@@ -319,7 +319,6 @@ def markdown(results, bw) -> str:
                                            if "kv_bytes" in st else ""))
         if moe:
             st = r.stats
-            pct = lambda v: "-" if v is None else f"{v:.0%}"
             slots = f" {st.get('expert_slots')}/{st.get('experts_total')}" if st.get("ffn") == "cached" else ""
             row.append(f"{st.get('ffn', '')}{slots}{'' if st.get('prefetch', True) or st.get('ffn') != 'cached' else ' (no prefetch)'}"
                        f" / {pct(st.get('expert_hit_rate'))} / {pct(st.get('prefetch_recall'))}, "

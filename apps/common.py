@@ -114,6 +114,11 @@ def save_json(path: str, rows):
     write_atomic(path, lambda f: json.dump(rows, f, indent=1))
 
 
+def pct(v, digits: int = 0) -> str:
+    """A share as a percentage, '-' when there is none (None)."""
+    return "-" if v is None else f"{v:.{digits}%}"
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (the plot extra), or a one-line error."""
     try:

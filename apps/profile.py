@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from edgert.apps.common import add_model_args, err, load
+from edgert.apps.common import add_model_args, err, load, pct
 
 
 def build_parser():
@@ -91,7 +91,6 @@ def main(argv) -> int:
     else:  # the runtime's reads over every run above (warm-up, untraced and traced)
         err(f"decode (ffn {pl.ffn}, token embedding {pl.embd}, LM head {pl.output}): "
             f"{model.stats.bytes_read / 2**20:.1f} MiB read from flash, I/O wait {st['io_wait_s'] * 1e3:.0f} ms")
-        pct = lambda v: "-" if v is None else f"{v:.0%}"
         if model.cfg.moe and pl.ffn == "cached":
             err(f"caches: expert cache {pl.expert_slots} experts ({pl.cache_bytes / 2**20:.1f} MiB): hit rate "
                 f"{pct(st['expert_hit_rate'])}, prefetch recall {pct(st['prefetch_recall'])} precision "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgert.apps.common import add_model_args, err, load
+from edgert.apps.common import add_model_args, err, load, pct
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,10 +31,9 @@ def report_stats(model):
     io = (f"{st['bytes_read_per_token'] / 2**20:.2f} MiB read per token ({model.reader.mode if model.reader else '-'}), "
           f"{st['io_wait_s'] * 1e3:.0f} ms waiting on I/O over {st['tokens']} tokens")
     if model.cfg.moe:
-        pct = lambda v: "-" if v is None else f"{v:.1%}"
-        err(f"{'experts':>16} = {model.placement.ffn}: hit rate {pct(st['expert_hit_rate'])} ({st['expert_hits']} hits, "
-            f"{st['expert_misses']} misses), prefetch recall {pct(st['prefetch_recall'])} precision "
-            f"{pct(st['prefetch_precision'])}, " + io)
+        err(f"{'experts':>16} = {model.placement.ffn}: hit rate {pct(st['expert_hit_rate'], 1)} ({st['expert_hits']} "
+            f"hits, {st['expert_misses']} misses), prefetch recall {pct(st['prefetch_recall'], 1)} precision "
+            f"{pct(st['prefetch_precision'], 1)}, " + io)
         return
     hit = "-" if st["neuron_hit_rate"] is None else f"{st['neuron_hit_rate']:.1%}"
     err(f"{'ffn':>16} = {model.placement.ffn}: sparsity {st['sparsity']:.1%}, cluster hit rate {hit}, "

@@ -284,16 +284,16 @@ def moe_buffers(cfg, B: int) -> SimpleNamespace:
 class ExpertStore:
     """One layer's MoE FFN (see the module docstring); `next` is layer il+1's store (prefetch)."""
 
-    def __init__(self, il: int, cfg, router: QMatrix, experts, scratch, stats, resid,
-                 shared=None, bufs=None):
+    def __init__(self, il: int, cfg, router: QMatrix, experts, scratch, stats, resid, bufs,
+                 shared=None):
         self.il, self.c, self.router, self.experts, self.s, self.stats = il, cfg, router, experts, scratch, stats
         self.k, self.n_expert = cfg.n_expert_used, cfg.n_expert
         self.resid = resid                  # the model's residual stream [B, n_embd] (x before this FFN's output)
         self.shared = shared                # qwen2moe: (gate_inp_shexp [1, E], gate, up, down) or None
         self.next = None                    # layer il + 1's store (set by the model)
         self.predicted = None               # experts the previous layer predicted for this one
-        b = bufs if bufs is not None else moe_buffers(cfg, scratch.gate.shape[0])
-        # every layer's store shares one set (the layers run in turn): scratch_bytes counts it once
+        # bufs: moe_buffers, one set every layer's store shares (the layers run in turn)
+        b = bufs
         self.logits, self.idx, self.w, self.y, self.xg, self.yg, self.h, self.pidx = (
             b.logits, b.idx, b.w, b.y, b.xg, b.yg, b.h, b.pidx)
 
@@ -365,10 +365,15 @@ def router_logits(w, x, out, act):
         matmul(w, x, out, act)
 
 
+def plain_router(qtype: int, cols: int) -> bool:
+    """Whether a router is held as a plain float32 array (its file bytes) rather than repacked."""
+    return qtype == 0 and cols % 32 == 0
+
+
 def load_router(g, name: str, rows: int, cols: int):
     """A router matrix: F32 as a plain array [rows, cols] (router_logits), other types repacked."""
     t = g.tensor(name)
-    if t.qtype == 0 and cols % 32 == 0:
+    if plain_router(t.qtype, cols):
         if t.rows != rows or t.cols != cols or t.nbytes != 4 * rows * cols:
             raise EdgertError(f"{g.path}: tensor '{name}' has shape {list(t.shape)}, expected [{cols}, {rows}]")
         return g.raw(name).view(np.float32).reshape(rows, cols).copy()

@@ -500,7 +500,7 @@ def build_experts(m: Model, g: GGUFFile, pl, scratch) -> list:
             shared = (load_router(g, p + "ffn_gate_inp_shexp.weight", 1, E), g.load(p + "ffn_gate_shexp.weight", F, E),
                       g.load(p + "ffn_up_shexp.weight", F, E), g.load(p + "ffn_down_shexp.weight", E, F))
         s = ExpertStore(il, c, load_router(g, p + "ffn_gate_inp.weight", c.n_expert, E), experts, scratch, m.stats, m.x,
-                        shared=shared, bufs=bufs)
+                        bufs, shared=shared)
         s.norm_w = L.ffn_norm
         stores.append(s)
     for a, b in zip(stores, stores[1:]):

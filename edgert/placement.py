@@ -120,6 +120,7 @@ def plan_placement(g, c, n_ctx: int, n_batch: int, limit: int, fixed: int, mode:
 
 def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, source, gate_resident,
           kv_fmt) -> Placement:
+    from edgert.experts import plain_router
     from edgert.streamed import staging_bytes
     from edgert.kernels.quant import CHUNK_ROWS, Q5_0, Q8_0, repack_staging_bytes, repacked_nbytes
     by = {"other": 0, "ffn": 0, "embd": 0, "vectors": 0, "package": 0, "gate": 0, "output": 0, "experts": 0}
@@ -139,7 +140,7 @@ def _plan(g, c, n_ctx, n_batch, limit, fixed, mode, pkg, selector, sparsity, sou
             by["experts"] += repacked_nbytes(t.qtype, t.rows, t.cols)
             continue
         held = Q8_0 if g.expand_q5 and t.qtype == Q5_0 else t.qtype
-        router = n.endswith("ffn_gate_inp.weight") and t.qtype == 0 and t.cols % 32 == 0
+        router = n.endswith("ffn_gate_inp.weight") and plain_router(t.qtype, t.cols)
         b = t.nbytes if router else repacked_nbytes(held, t.rows, t.cols)  # an F32 router: a plain array
         by[role] += b
         if n.endswith("ffn_gate.weight"):
