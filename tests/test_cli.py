@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgert.apps.cli import main
@@ -87,3 +88,25 @@ def test_nothing_written_on_error(tiny_models, tmp_path):
 def test_unknown_command():
     r = run_cli("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_bench_text_input_fuzzed(tiny_models, tmp_path):
+    """bench --text: any bytes give token ids inside the vocabulary or a one-line error naming the file."""
+    from edgert.apps.bench import text_tokens
+    from edgert.errors import EdgertError
+    path = tiny_models["llama"]
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        f = tmp_path / f"t{i}.txt"
+        f.write_bytes(rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8).tobytes())
+        try:
+            ids = text_tokens(path, str(f))
+        except EdgertError as e:
+            assert str(e) == f"--text {f}: no text to feed"
+            continue
+        assert ids.dtype == np.int32 and len(ids) >= 2 and 0 <= ids.min() and ids.max() < 320
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(EdgertError, match="empty.txt: no text to feed"):
+        text_tokens(path, str(tmp_path / "empty.txt"))
+    r = run_cli("bench", "-m", path, "-p", "0", "-n", "1", "--text", str(tmp_path / "missing.txt"))
+    one_line_error(r, "--text", "missing.txt", "cannot read")
