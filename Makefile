@@ -1,6 +1,7 @@
 # edgert developer tasks. `make run` and `make test` are the README's two set-up commands: both
-# work on a fresh machine (they create .venv, build llama-cpp-python once into a wheel cache
-# outside the repository, and pull the models they need).
+# work on a fresh machine. `make run` installs the runtime alone (edgert and its core
+# dependencies, what a device gets); `make test` adds the reference (llama-cpp-python, built once
+# into a wheel cache outside the repository) and the test tools, and pulls the models it needs.
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64
 export NUMBA_CACHE_DIR ?= $(CACHE)/numba
 PROMPT ?= The three most useful things to know about running language models on a phone are
 
-.PHONY: setup run test test-nojit warmup models moe random-moe bench clean
+.PHONY: setup runtime run test test-nojit warmup models moe random-moe bench deploy-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,11 +26,17 @@ $(LLAMA_WHEEL): | $(BIN)/python
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip wheel --quiet --no-deps \
 		llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
 
-$(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) | $(BIN)/python
-	$(BIN)/pip install --quiet $(LLAMA_WHEEL)
-	$(BIN)/pip install --quiet -e ".[dev,llama]" --find-links $(WHEELS)
+# the runtime alone: no llama-cpp-python build
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
 	@touch $@
 
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) | $(BIN)/python
+	$(BIN)/pip install --quiet $(LLAMA_WHEEL)
+	$(BIN)/pip install --quiet -e ".[dev,llama,deploy]" --find-links $(WHEELS)
+	@touch $(VENV)/.runtime $@
+
+runtime: $(VENV)/.runtime
 setup: $(VENV)/.installed
 
 # llama.cpp's vocab fixtures and the ggml source the float-exactness tests compile from
@@ -60,9 +67,9 @@ random-moe: setup
 models: setup
 	$(BIN)/edgert pull smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 
-run: setup
+run: runtime
 	$(BIN)/edgert pull smollm2-135m
-	$(BIN)/edgert warmup
+	$(BIN)/edgert warmup -m smollm2-135m
 	$(BIN)/edgert run -m smollm2-135m -p "$(PROMPT)" -n 64 --temp 0
 
 test: setup models $(FIXTURES)/.done-2
@@ -75,6 +82,21 @@ test-nojit: setup $(FIXTURES)/.done-2
 
 bench: setup
 	$(BIN)/edgert bench -m smollm2-135m,qwen2.5-coder-0.5b -t 2 --baseline llama.cpp
+
+# the deploy path end to end on an aarch64 Debian userland here (qemu-user through binfmt_misc,
+# a real OpenSSH server on 127.0.0.1:2222 inside it; as root): probe -> profile, deploy, warm-up,
+# bench and greedy run there, results pulled back, simulate's prediction beside the measurement,
+# the device's greedy tokens compared with this machine's (exit 1 if they differ). qemu's speed
+# is not a device's: this checks the path. About 45 minutes from scratch, most of it Numba compiling
+# under emulation; docs/deploy.md
+ARM64_TARGET := ssh:root@127.0.0.1:2222
+ARM64_KEY := $(CACHE)/arm64-key
+deploy-check: setup
+	deploy/arm64-userland.sh start
+	$(BIN)/edgert pull smollm2-135m
+	$(BIN)/edgert probe $(ARM64_TARGET) --identity $(ARM64_KEY) --name qemu-arm64
+	$(BIN)/edgert deploy -m smollm2-135m --target $(ARM64_TARGET) --identity $(ARM64_KEY) \
+		--device qemu-arm64 --compare-host -o $(CACHE)/deploy/runs/deploy-check
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -21,6 +21,8 @@ COMMANDS = {
     "tradeoff": ("edgert.apps.tradeoff", "perplexity vs FFN sparsity of a package, per selector"),
     "kv-tradeoff": ("edgert.apps.kv_tradeoff", "perplexity and KL vs KV cache bits: token-adaptive, uniform, llama.cpp's"),
     "compare": ("edgert.apps.compare", "intermediate tensors against llama.cpp's, op by op"),
+    "probe": ("edgert.apps.probe", "read a real device (adb / ssh) into a device profile"),
+    "deploy": ("edgert.apps.deploy", "push edgert and a model to a device, run there, pull results back"),
 }
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from edgert.fileio import save_json, write_atomic  # noqa: F401  (the apps write through these)
 from edgert.settings import default_threads, env
 
 
@@ -95,23 +96,6 @@ def read_text(path: str) -> str:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise EdgertError(f"{path}: cannot read text ({e})") from None
-
-
-def write_atomic(path: str, write, mode: str = "w"):
-    """write(f) into a temp file beside path, then rename: a killed run leaves no half-made file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_json(path: str, rows):
-    import json
-    write_atomic(path, lambda f: json.dump(rows, f, indent=1))
 
 
 def pct(v, digits: int = 0) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgert.apps.common import add_model_args, err, load, pct
+from edgert.apps.common import add_model_args, err, load, pct, save_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the prompt and generated token ids, the text and the timings to FILE")
     return p
 
 
@@ -92,4 +94,10 @@ def main(argv) -> int:
     for line in model.placement.lines():
         err(line)
     report_stats(model)
+    if args.json:
+        save_json(args.json, {"model": args.model, "prompt_tokens": [int(t) for t in ids],
+                              "tokens": [int(t) for t in tm.tokens], "text": tok.decode(tm.tokens),
+                              "timings": {"load_ms": tm.t_load_ms, "prompt_ms": tm.t_prompt_ms,
+                                          "n_prompt": tm.n_prompt, "eval_ms": tm.t_eval_ms, "n_eval": tm.n_eval},
+                              "peak_rss": peak_rss(), "kernels": isa.describe()})
     return 0

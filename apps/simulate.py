@@ -14,7 +14,7 @@ import time
 from edgert.apps.common import add_model_args, err, load
 
 
-def main(argv) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgert simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -22,8 +22,12 @@ def main(argv) -> int:
     p.add_argument("-n", "--n-predict", type=int, default=64, help="decode tokens to simulate")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per token position (median kept)")
     p.add_argument("--every", type=int, default=16, help="print every k-th token's row")
-    args = p.parse_args(argv)
-    from edgert.costmodel import MEM_EFFICIENCY
+    return p
+
+
+def predict(args) -> dict:
+    """Load the model under the device's budget and flash curve, run the simulation; -> the
+    simulation's result (edgert.simulate.simulate) with 'model', 'profile', 'threads', 'ids'."""
     from edgert.device_profiles.loader import load_profile
     from edgert.errors import EdgertError
     from edgert.probes import host_profile, op_costs
@@ -58,6 +62,15 @@ def main(argv) -> int:
     qtypes = tuple(sorted({type_name(w.qtype) for w in model._matrices()}))
     r = simulate(model, ids, args.n_predict, prof, host, threads, args.repetitions,
                  calibrate=lambda: op_costs(threads, refresh=True, stream_types=qtypes))
+    r.update(model=model, profile=prof, threads=threads, ids=ids)
+    return r
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from edgert.costmodel import MEM_EFFICIENCY
+    r = predict(args)
+    model, prof, ids = r["model"], r["profile"], r["ids"]
     print(f"\n{args.n_predict} decode tokens after a {len(ids)}-token prompt; ms per token "
           f"(median of {args.repetitions} runs, each after its own calibration)\n")
     print(f"| {'token':>5} | {'pos':>5} | {'host measured':>13} | {'host modelled':>13} | {'device modelled':>15} |")

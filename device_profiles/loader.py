@@ -225,8 +225,16 @@ def profile_from_dict(d: dict, where: str) -> DeviceProfile:
 # Lookup
 # ============================================================================================
 
+def probed_dir() -> Path:
+    """Where `edgert probe` writes the profiles of real devices (EDGERT_CACHE/devices)."""
+    from edgert.settings import env
+    return Path(env("EDGERT_CACHE")).expanduser() / "devices"
+
+
 def profile_names() -> list[str]:
-    return ["host"] + sorted(p.stem for p in HERE.glob("*.toml"))
+    shipped = {p.stem for p in HERE.glob("*.toml")}
+    probed = {p.stem for p in probed_dir().glob("*.toml")} if probed_dir().is_dir() else set()
+    return ["host"] + sorted(shipped | probed)
 
 
 def load_profile(name_or_path: str, refresh: bool = False) -> DeviceProfile:
@@ -237,6 +245,8 @@ def load_profile(name_or_path: str, refresh: bool = False) -> DeviceProfile:
     p = Path(name_or_path)
     if p.suffix != ".toml":
         p = HERE / f"{name_or_path}.toml"
+        if not p.exists():  # a probed device (edgert probe)
+            p = probed_dir() / f"{name_or_path}.toml"
         if not p.exists():
             raise EdgertError(f"unknown device '{name_or_path}' (known: {', '.join(profile_names())})")
     try:

@@ -7,6 +7,7 @@ KNOBS = {
     "EDGERT_MODELS": ("~/.cache/edgert/models", "directory of pulled models"),
     "EDGERT_CACHE": ("~/.cache/edgert", "cache directory (probes, verified packages)"),
     "EDGERT_MODEL": ("", "default for -m/--model"),
+    "EDGERT_ADB": ("", "the adb client edgert probe / deploy run (default: adb on PATH)"),
     "EDGERT_THREADS": ("", "default for -t/--threads (else the number of physical cores)"),
     "EDGERT_N_CTX": ("", "default for -c/--ctx-size"),
     "EDGERT_DEVICE": ("", "default for --device (a device profile name or .toml path)"),

@@ -61,6 +61,20 @@ def warmup() -> int:
     return _count_signatures()
 
 
+def warmup_model(name_or_path: str) -> int:
+    """Compile only the kernels one model uses: a prefill of two batches and two decode steps
+    with the model's default placement (under no budget) and KV format."""
+    import numpy as np
+
+    from edgert.model import Model
+    from edgert.registry import resolve
+    m = Model(resolve(name_or_path), n_ctx=64, n_batch=8)
+    m.forward(np.arange(3, 13) % m.cfg.n_vocab, all_logits=True)
+    m.decode_one_token(5)
+    m.decode_one_token(6)
+    return _count_signatures()
+
+
 def _count_signatures() -> int:
     import importlib
     n = 0

@@ -1,0 +1,22 @@
+"""Writing files so that a killed run never leaves a half-written one: a temp file beside the
+target, then an atomic rename."""
+from __future__ import annotations
+
+import os
+
+
+def write_atomic(path: str, write, mode: str = "w"):
+    """write(f) into a temp file beside path, then rename: a killed run leaves no half-made file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(path: str, data) -> None:
+    import json
+    write_atomic(path, lambda f: json.dump(data, f, indent=1))
