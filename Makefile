@@ -97,6 +97,7 @@ deploy-check: setup
 	$(BIN)/edgert probe $(ARM64_TARGET) --identity $(ARM64_KEY) --name qemu-arm64
 	$(BIN)/edgert deploy -m smollm2-135m --target $(ARM64_TARGET) --identity $(ARM64_KEY) \
 		--device qemu-arm64 --compare-host -o $(CACHE)/deploy/runs/deploy-check
+	$(BIN)/python deploy/ssh_faults.py $(ARM64_TARGET) $(ARM64_KEY)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -144,6 +144,9 @@ def report(args, prof, res, local_model) -> int:
     if res.tegrastats:
         s = res.tegrastats
         print(f"| {'tegrastats: mean CPU MHz':<32} | {sum(x['cpu_mhz'] for x in s) / len(s):>10.0f} | {'-':>10} | {'-':>8} |")
+    if "emulated" in prof.description:
+        print("the device is emulated (qemu-user): the measured speed is qemu's, not a device's; this run checks "
+              "the path (install, warm-up, run, pull back, tokens), not the cost model")
     print(f"\ndevice kernels: {res.run.get('kernels', '?')}; greedy text on the device: {res.run.get('text', '')!r}")
     if args.compare_host:
         same, n = compare_host(args, local_model, res.run)

@@ -154,6 +154,11 @@ def parse(out: str, target: str, date: str | None = None) -> dict:
     if not cores:
         raise EdgertError(f"{target}: no processors in /proc/cpuinfo")
     ghz = _khz(s.get("cpufreq", ""))
+    # qemu-user passes the host's /proc/cpuinfo through: an x86 cpuinfo under an aarch64 userland
+    emulated = machine == "aarch64" and "vendor_id" in s["cpuinfo"]
+    arm = any(line.startswith("CPU part") for line in s["cpuinfo"].splitlines())
+    core_src = ("CPU part -> core and FMA pipes (Arm Technical Reference Manuals, Software Optimization Guides)"
+                if arm else "model name and flags (vector width), 2 FMA pipes assumed")
     # clusters: cores of one type and one maximum frequency
     groups: dict[tuple, list[int]] = {}
     for c in cores:
@@ -166,8 +171,8 @@ def parse(out: str, target: str, date: str | None = None) -> dict:
         freq_src = "cpufreq cpuinfo_max_freq" if g[1] else "no cpufreq on the device: 1.0 GHz assumed"
         cpus.append({"name": g[0], "kind": kind, "cores": len(idx), "max_ghz": round(g[1] or 1.0, 3),
                      "simd_bits": g[3], "fma_pipes": g[2],
-                     "source": f"{src}: /proc/cpuinfo (CPU part -> core, FMA pipes from Arm's optimization "
-                               f"guides), {freq_src}, CPUs {','.join(map(str, idx))}"})
+                     "source": f"{src}: /proc/cpuinfo {core_src}, {freq_src}, CPUs {','.join(map(str, idx))}"
+                               + (f"; EMULATED: qemu-user shows the host's cpuinfo under {machine}" if emulated else "")})
         if kind != "little":
             big_mask |= sum(1 << j for j in idx)
     mem = dict(re.findall(r"^(\w+):\s+(\d+) kB", s["meminfo"], re.M))
@@ -212,7 +217,7 @@ def parse(out: str, target: str, date: str | None = None) -> dict:
     name = re.sub(r"[^a-z0-9]+", "-", f"{maker} {model}".lower()).strip("-")[:48] or "probed-device"
     thermal = [line.split() for line in s.get("thermal", "").splitlines() if line.strip()]
     nvp = re.search(r"NV Power Mode:\s*(\S+)", s.get("tegra", ""))
-    notes = [f"{machine}", f"{len(thermal)} thermal zones"] + ([f"nvpmodel {nvp.group(1)}"] if nvp else [])
+    notes = [f"{machine}" + (" emulated by qemu-user" if emulated else ""), f"{len(thermal)} thermal zones"] + ([f"nvpmodel {nvp.group(1)}"] if nvp else [])
     return {
         "name": name,
         "description": f"{(maker + ' ' + model).strip()}, {len(cores)} CPUs, {ram_gb:.1f} GiB ({', '.join(notes)})",
@@ -227,7 +232,7 @@ def parse(out: str, target: str, date: str | None = None) -> dict:
         "accelerators": {"list": [], "source": f"{src}: not probed (CPU only)"},
         "access": {"method": target.split(":", 1)[0], "address": target.split(":", 1)[1] if ":" in target else "",
                    "temp_dir": "", "big_core_mask": hex(big_mask or 1)},
-        "_facts": {"machine": machine, "python": s.get("python", "").split(), "thermal": thermal,
+        "_facts": {"machine": machine, "emulated": emulated, "python": s.get("python", "").split(), "thermal": thermal,
                    "free_kib": _df_free(s.get("df", "")), "props": props},
     }
 

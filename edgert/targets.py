@@ -156,6 +156,7 @@ class SshTarget:
         except ImportError:
             raise EdgertError(f"{addr}: ssh targets need paramiko (pip install 'edgert[deploy]')") from None
         self.addr, self._paramiko = addr, paramiko
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)   # its transport thread's errors are ours
         self.known_hosts = os.path.join(os.path.expanduser(env("EDGERT_CACHE")), "known_hosts")
         c = paramiko.SSHClient()
         c.load_system_host_keys()

@@ -74,6 +74,7 @@ def test_probe_parses_the_arm64_userland():
     assert all(r > 0 for _, _, r in p.flash.points)
     assert all(v.startswith("probed 2026-12-03 over ssh:root@127.0.0.1:2222") for v in p.sources.values())
     assert "1.0 GHz assumed" in p.sources["cpu"]   # no cpufreq: said, not hidden
+    assert prof["_facts"]["emulated"] and "EMULATED" in p.sources["cpu"]   # x86 cpuinfo under aarch64
 
 
 def _phone_transcript() -> str:
