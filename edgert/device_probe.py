@@ -101,7 +101,7 @@ def _cores(cpuinfo: str) -> list[dict]:
     for line in cpuinfo.splitlines():
         k, _, v = line.partition(":")
         k, v = k.strip(), v.strip()
-        if k == "processor" and v.isdigit():
+        if k == "processor" and v.isdigit() and int(v) < 4096:
             cur = {"index": int(v), "name": "", "pipes": 2, "simd": 128}
             cores.append(cur)
         elif cur is None:
@@ -123,7 +123,7 @@ def _cores(cpuinfo: str) -> list[dict]:
 def _khz(cpufreq: str) -> dict[int, float]:
     out = {}
     for line in cpufreq.splitlines():
-        m = re.fullmatch(r"cpu(\d+) (\d+)", line.strip())
+        m = re.fullmatch(r"cpu(\d{1,4}) (\d{1,9})", line.strip())
         if m:
             out[int(m.group(1))] = int(m.group(2)) / 1e6  # kHz -> GHz
     return out
@@ -132,7 +132,7 @@ def _khz(cpufreq: str) -> dict[int, float]:
 def _dd_seconds(line: str) -> tuple[int, float] | None:
     """(bytes, seconds) from dd's summary line, GNU ('N bytes (..) copied, T s, R MB/s') or
     toybox ('N bytes (..) copied, T s, R M/s')."""
-    m = re.search(r"(\d+) bytes.*copied,\s*([\d.]+)\s*s", line)
+    m = re.search(r"(\d+) bytes.*copied,\s*(\d+(?:\.\d+)?)\s*s", line)
     return (int(m.group(1)), float(m.group(2))) if m else None
 
 
@@ -179,10 +179,12 @@ def parse(out: str, target: str, date: str | None = None) -> dict:
     if "MemTotal" not in mem:
         raise EdgertError(f"{target}: /proc/meminfo has no MemTotal")
     ram_gb = int(mem["MemTotal"]) / 2**20
+    if not 0.01 < ram_gb < 4096:
+        raise EdgertError(f"{target}: /proc/meminfo's MemTotal {mem['MemTotal']} kB is impossible")
     avail = int(mem.get("MemAvailable", mem["MemTotal"])) / 2**20
     share = round(min(0.9, max(0.1, avail / ram_gb * 0.9)), 2)
     bw = _dd_seconds(s.get("membw", ""))
-    bw_gbs = round(bw[0] / bw[1] / 1e9, 1) if bw and bw[1] > 0 else 1.0
+    bw_gbs = max(0.1, round(bw[0] / bw[1] / 1e9, 1)) if bw and bw[1] > 0 and bw[0] > 0 else 1.0
     direct = s.get("directio", "0").strip() == "1"
     dropped = s.get("dropped", "0").strip() == "1"
     mode = "O_DIRECT" if direct else "page cache dropped" if dropped else "page cache NOT bypassed (no O_DIRECT, not root)"
@@ -196,11 +198,11 @@ def parse(out: str, target: str, date: str | None = None) -> dict:
         got = [g for g in got if g]
         # the streams run at once: the slowest one's own time (dd's, without process start-up)
         nbytes, secs = sum(g[0] for g in got), max((g[1] for g in got), default=0)
-        if not got or secs <= 0:
+        if not got or secs <= 0 or nbytes <= 0 or not 0 < kib <= 1 << 20 or not 0 < depth <= 1024:
             continue
-        curve.append([kib, depth, round(nbytes / secs / 1e6, 1)])
+        curve.append([kib, depth, max(0.1, round(nbytes / secs / 1e6, 1))])
         if kib == 4 and depth == 1:
-            first_us = round(secs / (nbytes / 4096) * 1e6, 1)
+            first_us = max(0.1, round(secs / (nbytes / 4096) * 1e6, 1))
     if not curve:
         curve, first_us = [[4, 1, 50.0]], 100.0
         flash_src = f"{src}: no storage test ran (--no-storage or dd failed): a placeholder curve, not a measurement"
