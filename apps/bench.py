@@ -4,14 +4,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import sys
 import time
 
-from edgert.apps.common import add_kv_args, err, is_tty, kv_format, pct, pyplot, save_json, save_png
+from edgert.apps.common import add_kv_args, err, is_tty, kv_format, parser, pct, pyplot, save_json, save_png
 
 
 def _ints(s):
@@ -19,8 +18,7 @@ def _ints(s):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="edgert bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("bench", __doc__)
     p.add_argument("-m", "--model", action="append", help="model name or path; repeat or comma-separate")
     p.add_argument("-p", "--n-prompt", default="512", help="prompt sizes, comma-separated (0 = none)")
     p.add_argument("-n", "--n-gen", default="128", help="generation lengths, comma-separated (0 = none)")

@@ -1,20 +1,17 @@
 """edgert chat: an interactive conversation using the model's chat template (Ctrl-D to quit)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from edgert.apps.common import add_model_args, load
+from edgert.apps.common import add_model_args, add_sampling_args, load, parser, ranged
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert chat", description=__doc__)
+    p = parser("chat", __doc__)
     add_model_args(p)
-    p.add_argument("-n", "--n-predict", type=int, default=512, help="max tokens per reply")
-    p.add_argument("--temp", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("-s", "--seed", type=int, default=-1)
+    p.add_argument("-n", "--n-predict", type=ranged(int, -1), default=512,
+                   help="max tokens per reply (-1 = until end of stream or the context is full)")
+    add_sampling_args(p, temp=0.7)
     p.add_argument("--system", default=None, help="system message")
     args = p.parse_args(argv)
     from edgert.chat import format_chat, template_for

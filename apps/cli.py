@@ -47,13 +47,20 @@ def main(argv=None) -> int:
     try:
         return importlib.import_module(COMMANDS[cmd][0]).main(argv) or 0
     except EdgertError as e:
-        print(f"edgert: {e}", file=sys.stderr)
+        from edgert.registry import repull_hint
+        print(f"edgert: {e}{repull_hint(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nedgert: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:  # not a user mistake: edgert's bug
+        import traceback
+        traceback.print_exc()
+        print(f"edgert: internal error in `edgert {cmd}` (a bug, not your input): please report it with "
+              "the command line and the traceback above", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

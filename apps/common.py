@@ -10,11 +10,54 @@ from edgert.fileio import save_json, write_atomic  # noqa: F401  (the apps write
 from edgert.settings import default_threads, env
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Module docstrings as written, and every option's default in --help."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "%(default)" in h or "default" in h.lower() or action.default in (None, False, argparse.SUPPRESS) \
+                or action.nargs == 0:
+            return h
+        return h + " (default: %(default)s)"
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of one subcommand."""
+    return argparse.ArgumentParser(prog=f"edgert {prog}", description=doc, formatter_class=HelpFormatter)
+
+
+def ranged(kind, lo=None, hi=None, above: bool = False, meaning: str = ""):
+    """An argparse type: `kind` within [lo, hi] (or (lo, hi] with above=True); bad values are
+    argparse's one-line usage error naming the option."""
+    bound = " and ".join(x for x in (
+        (f"> {lo}" if above else f">= {lo}") if lo is not None else "", f"<= {hi}" if hi is not None else "") if x)
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or v in (float("inf"), float("-inf")) or (lo is not None and (v < lo or (above and v == lo))) \
+                or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {bound}{meaning})")
+        return v
+    return parse
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temp: float):
+    """llama.cpp's sampling options and meanings (run, chat)."""
+    p.add_argument("--temp", type=ranged(float, 0), default=temp, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=ranged(int, 0), default=40, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=ranged(float, 0, 1), default=0.95,
+                   help="keep the most likely tokens up to this probability mass (1 = all)")
+    p.add_argument("-s", "--seed", type=ranged(int, -1), default=-1, help="RNG seed (-1 = random)")
+
+
 def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
     p.add_argument("-m", "--model", default=env("EDGERT_MODEL") or None,
                    help="pulled model name (see `edgert list`) or path to a .gguf file "
                         "[env EDGERT_MODEL; default: the registry's default model]")
-    p.add_argument("-t", "--threads", type=int, default=None,
+    p.add_argument("-t", "--threads", type=ranged(int, 1), default=None,
                    help="CPU threads [env EDGERT_THREADS; default: physical cores]")
     p.add_argument("--device", default=env("EDGERT_DEVICE") or None,
                    help="device profile (see `edgert devices`): its app share of RAM is the memory "
@@ -32,20 +75,20 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
                         "when it fits the budget [env EDGERT_FFN]")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="mixture of experts: do not prefetch the next layer's predicted experts")
-    p.add_argument("--sparsity", type=float, default=float(env("EDGERT_SPARSITY")) if env("EDGERT_SPARSITY") else None,
+    p.add_argument("--sparsity", type=ranged(float, 0, 1, meaning=", a share of the FFN neurons"), default=float(env("EDGERT_SPARSITY")) if env("EDGERT_SPARSITY") else None,
                    help="FFN sparsity of sparse decode, one of the package's calibrated levels "
                         "[env EDGERT_SPARSITY; default: the package's recipe]")
     p.add_argument("--selector", default=env("EDGERT_SELECTOR"), choices=("auto", "predictor", "gate"),
                    help="how sparse decode picks neurons: the exact gate (gate matrices resident), the "
                         "low-rank predictor (no FFN weight read first), or auto: the gate when it fits "
                         "[env EDGERT_SELECTOR]")
-    p.add_argument("--hot-fraction", type=float, default=0.5,
+    p.add_argument("--hot-fraction", type=ranged(float, 0, 1), default=0.5,
                    help="share of the neuron cache pinned to the hottest clusters (the rest is LRU)")
     add_kv_args(p)
     if ctx:
-        p.add_argument("-c", "--ctx-size", type=int, default=int(env("EDGERT_N_CTX") or 0),
+        p.add_argument("-c", "--ctx-size", type=ranged(int, 0), default=int(env("EDGERT_N_CTX") or 0),
                        help="context size in tokens (0 = min(4096, the model's)) [env EDGERT_N_CTX]")
-        p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt batch size")
+        p.add_argument("-b", "--batch-size", type=ranged(int, 1), default=512, help="prompt batch size")
 
 
 def add_kv_args(p: argparse.ArgumentParser):

@@ -7,16 +7,14 @@ token that differs. The first row that is not exact names the operation to look 
 """
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
-from edgert.apps.common import model_path
+from edgert.apps.common import model_path, parser
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("compare", __doc__)
     p.add_argument("-m", "--model", default=None, help="model name or .gguf path")
     p.add_argument("-n", "--n-tokens", type=int, default=32, help="tokens in the batch")
     p.add_argument("-t", "--threads", type=int, default=2)

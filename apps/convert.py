@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from edgert.apps.common import device_threads, err, is_tty, model_path, setup_threads
+from edgert.apps.common import device_threads, err, is_tty, model_path, parser, setup_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgert convert", description=__doc__)
+    p = parser("convert", __doc__)
     p.add_argument("model", help="source .gguf file or pulled model name")
     p.add_argument("-o", "--output", required=True, help="package to write (*.edgert.gguf)")
     p.add_argument("--calib", default=None,

@@ -19,12 +19,11 @@ import shlex
 import sys
 import time
 
-from edgert.apps.common import err
+from edgert.apps.common import err, parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgert deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("deploy", __doc__)
     p.add_argument("-m", "--model", default=None, help="model name or path (GGUF or edgert package)")
     p.add_argument("--target", required=True, help="adb, adb:SERIAL or ssh:[USER@]HOST[:PORT]")
     p.add_argument("--device", default=None, help="device profile (default: probe the target and write one)")

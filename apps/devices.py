@@ -5,7 +5,8 @@ cached; --refresh measures again.
 """
 from __future__ import annotations
 
-import argparse
+
+from edgert.apps.common import parser
 
 
 def _fmt_bytes(n: float) -> str:
@@ -40,7 +41,7 @@ def show(prof) -> None:
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert devices", description=__doc__)
+    p = parser("devices", __doc__)
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("name", nargs="?", help="profile name or path to a .toml file (for show)")
     p.add_argument("--refresh", action="store_true", help="measure the host again")

@@ -7,14 +7,12 @@ types), and llama.cpp's own KV types on the same token ids.
 """
 from __future__ import annotations
 
-import argparse
 
-from edgert.apps.common import err, model_path, pyplot, read_text, save_json, save_png, setup_threads
+from edgert.apps.common import err, model_path, parser, pyplot, read_text, save_json, save_png, setup_threads
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="edgert kv-tradeoff", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("kv-tradeoff", __doc__)
     p.add_argument("-m", "--model", default=None, help="model name or GGUF path")
     p.add_argument("-f", "--file", required=True, help="held-out text")
     p.add_argument("-c", "--ctx-size", type=int, default=2048)

@@ -1,11 +1,12 @@
 """edgert list: known models, and which are installed."""
 from __future__ import annotations
 
-import argparse
+
+from edgert.apps.common import parser
 
 
 def main(argv) -> int:
-    argparse.ArgumentParser(prog="edgert list", description=__doc__).parse_args(argv)
+    parser("list", __doc__).parse_args(argv)
     from edgert.registry import local_path, models_dir, registry
     reg = registry()
     print(f"models directory: {models_dir()}")

@@ -1,19 +1,18 @@
 """edgert perplexity: llama-perplexity's method (chunks of n_ctx, BOS first, second half scored)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from edgert.apps.common import add_model_args, err, load, read_text
+from edgert.apps.common import add_model_args, err, load, parser, ranged, read_text
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert perplexity", description=__doc__)
+    p = parser("perplexity", __doc__)
     add_model_args(p, ctx=False)
     p.add_argument("-f", "--file", required=True, help="text file")
-    p.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens")
-    p.add_argument("--chunks", type=int, default=-1, help="max chunks (-1 = all)")
-    p.add_argument("-b", "--batch-size", type=int, default=512)
+    p.add_argument("-c", "--ctx-size", type=ranged(int, 2), default=512, help="chunk size in tokens")
+    p.add_argument("--chunks", type=ranged(int, -1), default=-1, help="max chunks (-1 = all)")
+    p.add_argument("-b", "--batch-size", type=ranged(int, 1), default=512, help="batch size in tokens")
     p.add_argument("--per-token", action="store_true",
                    help="evaluate one token at a time, as decoding does (default with --ffn sparse)")
     p.add_argument("--measure-recall", action="store_true",

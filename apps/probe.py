@@ -8,14 +8,12 @@ over <target>`) to EDGERT_CACHE/devices/NAME.toml, or -o FILE; `--device NAME` t
 """
 from __future__ import annotations
 
-import argparse
 
-from edgert.apps.common import err
+from edgert.apps.common import err, parser
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("probe", __doc__)
     p.add_argument("target", help="adb, adb:SERIAL or ssh:[USER@]HOST[:PORT]")
     p.add_argument("-o", "--output", default=None, help="profile file to write (default EDGERT_CACHE/devices/NAME.toml)")
     p.add_argument("--name", default=None, help="profile name (default: from the device's maker and model)")

@@ -8,15 +8,13 @@ read and KV bytes, ph M thread names) that opens in Perfetto (ui.perfetto.dev).
 """
 from __future__ import annotations
 
-import argparse
 import time
 
-from edgert.apps.common import add_model_args, err, load, pct
+from edgert.apps.common import add_model_args, err, load, parser, pct
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="edgert profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("profile", __doc__)
     add_model_args(p)
     p.add_argument("-p", "--prompt", default="The history of the transistor begins", help="prompt text")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="decode tokens to profile")

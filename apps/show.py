@@ -1,16 +1,15 @@
 """edgert show NAME|PATH: architecture, parameters, quant types, size, context."""
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert show", description=__doc__)
+    from edgert.apps.common import model_path, parser
+    p = parser("show", __doc__)
     p.add_argument("model", help="pulled model name or .gguf path")
     args = p.parse_args(argv)
-    from edgert.apps.common import model_path
     from edgert.config import config_from_gguf
     from edgert.gguf_file import GGUFFile, type_name
     path = model_path(args.model)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from edgert.apps.common import add_model_args, err, load
+from edgert.apps.common import add_model_args, err, load, parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgert simulate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("simulate", __doc__)
     add_model_args(p)
     p.add_argument("-p", "--prompt", default="The history of the transistor begins", help="prompt text")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="decode tokens to simulate")

@@ -1,13 +1,12 @@
 """edgert tokenize: print the token ids of a text as a Python-style list (llama-tokenize --ids)."""
 from __future__ import annotations
 
-import argparse
 
-from edgert.apps.common import add_model_args
+from edgert.apps.common import add_model_args, parser
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert tokenize", description=__doc__)
+    p = parser("tokenize", __doc__)
     add_model_args(p, ctx=False)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--no-bos", action="store_true", help="do not add BOS even if the model wants it")

@@ -5,14 +5,12 @@ against its dense FFN on the same text (held-out: not the calibration text).
 """
 from __future__ import annotations
 
-import argparse
 
-from edgert.apps.common import err, pyplot, read_text, save_json, save_png, setup_threads
+from edgert.apps.common import err, parser, pyplot, read_text, save_json, save_png, setup_threads
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="edgert tradeoff", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("tradeoff", __doc__)
     p.add_argument("-m", "--model", required=True, help="edgert package")
     p.add_argument("-f", "--file", required=True, help="held-out text")
     p.add_argument("-c", "--ctx-size", type=int, default=512)

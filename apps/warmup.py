@@ -6,13 +6,13 @@ its first timed run: on a slow or emulated CPU the full set takes long).
 """
 from __future__ import annotations
 
-import argparse
+
+from edgert.apps.common import parser
 import time
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="edgert warmup", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("warmup", __doc__)
     p.add_argument("-m", "--model", default=None, help="compile only the kernels this model (name or path) uses")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

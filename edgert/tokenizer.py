@@ -147,6 +147,7 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True, special: bool = False) -> list[int]:
         """Text -> ids, as llama_tokenize(text, add_special, parse_special=special): BOS is added
         when add_special and the model asks for it (tokenizer.ggml.add_bos_token)."""
+        check_text(text)
         out: list[int] = []
         if add_special and self.add_bos and self.bos_id is not None:
             out.append(int(self.bos_id))
@@ -211,3 +212,14 @@ class Tokenizer:
     @property
     def n_vocab(self) -> int:
         return len(self.tokens)
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Text must be valid Unicode: a command line's invalid UTF-8 arrives as lone surrogates
+    (Python's surrogateescape), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ") if "\udc80" <= text[e.start] <= "\udcff" \
+            else f"U+{ord(text[e.start]):04X}"
+        raise EdgertError(f"{what} is not valid UTF-8 ({bad} at character {e.start})") from None

@@ -110,3 +110,34 @@ def test_bench_text_input_fuzzed(tiny_models, tmp_path):
         text_tokens(path, str(tmp_path / "empty.txt"))
     r = run_cli("bench", "-m", path, "-p", "0", "-n", "1", "--text", str(tmp_path / "missing.txt"))
     one_line_error(r, "--text", "missing.txt", "cannot read")
+
+
+@pytest.mark.parametrize("args, option, bound", [
+    (["-c", "-5"], "-c/--ctx-size", ">= 0"), (["-n", "-5"], "-n/--n-predict", ">= -1"),
+    (["-t", "0"], "-t/--threads", ">= 1"), (["-b", "0"], "-b/--batch-size", ">= 1"),
+    (["--temp", "-1"], "--temp", ">= 0"), (["--top-p", "2"], "--top-p", "<= 1"),
+    (["--temp", "nan"], "--temp", ">= 0"), (["-t", "two"], "-t/--threads", "not an integer"),
+])
+def test_out_of_range_options_are_refused(tiny_models, args, option, bound):
+    """llama.cpp's ranges (-n -1 = until end of stream): argparse's one-line usage error, no run."""
+    r = run_cli("run", "-m", tiny_models["llama"], "-p", "ab", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("edgert run: error: argument " + option) and bound in last, last
+
+
+def test_invalid_utf8_prompt_is_one_line(tiny_models):
+    for cmd in ("run", "tokenize"):
+        for bad in (b"\xff\xfe abc", b"ok \xed\xa0\x80"):   # invalid UTF-8, a UTF-8-encoded surrogate
+            argv = [sys.executable, "-m", "edgert", cmd, "-m", tiny_models["llama"], "-p", bad]
+            r = subprocess.run(argv + (["-n", "1"] if cmd == "run" else []), capture_output=True, text=True, timeout=300)
+            one_line_error(r, "is not valid UTF-8", ("ff fe" if bad[0] == 0xff else "ed a0 80"))
+
+
+def test_unreadable_model_is_one_line():
+    one_line_error(run_cli("show", "/proc/self/mem"), "/proc/self/mem: cannot read")
+
+
+def test_help_shows_defaults():
+    r = run_cli("run", "--help")
+    assert r.returncode == 0 and "(default: 128)" in r.stdout and "(default: 0.8)" in r.stdout

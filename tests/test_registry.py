@@ -80,3 +80,47 @@ def test_built_model_is_not_pulled(monkeypatch, tmp_path):
         reg.pull("pydocs-moe")
     with pytest.raises(EdgertError, match=r"pydocs-moe' is not built yet: run `make moe`"):
         reg.resolve("pydocs-moe")
+
+
+@pytest.mark.parametrize("models", ["/proc/sys", "/etc/hostname/models", "/proc/edgert-models"])
+def test_pull_checks_the_models_dir_before_downloading(tmp_path, monkeypatch, models):
+    """Read-only (/proc/sys takes no file, even as root), a file in the way, uncreatable: one
+    error naming the directory, before any download."""
+    _fake_index(tmp_path, monkeypatch, [os.urandom(100)])
+    monkeypatch.setenv("EDGERT_MODELS", models)
+    monkeypatch.setattr(reg.subprocess, "run", lambda *a, **k: pytest.fail("downloaded into an unusable directory"))
+    with pytest.raises(EdgertError, match=r"models directory .*: cannot (create|write)"):
+        reg.pull("fake")
+
+
+def test_pull_cleans_what_a_killed_pull_left(tmp_path, monkeypatch):
+    blob = _fake_index(tmp_path, monkeypatch, [os.urandom(1000)])
+    dead = subprocess_dead_pid()
+    models = tmp_path / "models"
+    models.mkdir()
+    stale = models / f"fake.gguf.{dead}.part"
+    stale.write_bytes(b"x" * 100)
+    live = models / f"fake.gguf.{os.getppid()}.part"   # a pull still running (our parent is alive)
+    live.write_bytes(b"y")
+    tmpdir = tmp_path / "tmp"
+    (tmpdir / f"edgert-pull-{dead}-abc").mkdir(parents=True)
+    monkeypatch.setattr(reg.tempfile, "tempdir", str(tmpdir))
+    assert reg.pull("fake").read_bytes() == blob
+    assert not stale.exists() and live.exists() and not (tmpdir / f"edgert-pull-{dead}-abc").exists()
+    assert sorted(os.listdir(models)) == sorted(["fake.gguf", live.name])
+
+
+def subprocess_dead_pid() -> int:
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_damaged_installed_model_says_how_to_repull(tmp_path, monkeypatch):
+    _fake_index(tmp_path, monkeypatch, [os.urandom(100)])
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "fake.gguf").write_bytes(b"GGUF" + b"\0" * 10)
+    assert reg.repull_hint(f"{tmp_path / 'models' / 'fake.gguf'}: truncated GGUF").endswith(
+        "`edgert pull fake` checks it and downloads it again)")
+    assert reg.repull_hint("/elsewhere/x.gguf: truncated") == ""
