@@ -41,3 +41,100 @@ def format_chat(template: str, messages: list[dict], tok, add_generation_prompt:
         raise
     except Exception as e:
         raise EdgertError(f"chat template failed to render: {e}") from None
+
+
+class Conversation:
+    """A chat whose KV cache lives across turns, as llama-cli's: each turn renders the whole
+    conversation with the template, keeps the cached tokens it shares with what is cached, and
+    prefills only the rest (the new message and the template's framing). When the context cannot
+    hold the conversation plus `reserve` reply tokens, the oldest turns are dropped down to half
+    the context (the system message stays, as llama-cli's --keep -1) and the kept conversation is
+    prefilled once, with a notice through on_notice. A reply stops at end of generation, its token limit, the end of the
+    context (cut, with a notice) or when stop() says so (Ctrl-C): what was generated stays in
+    the conversation."""
+
+    def __init__(self, model, tok, template: str, params, system: str | None = None, reserve: int = 64):
+        self.model, self.tok, self.template, self.params = model, tok, template, params
+        self.system = system
+        self.reserve = reserve
+        self.messages: list[dict] = []
+        self.cached: list[int] = []        # token ids in the KV cache, positions 0 .. len - 1
+        self.last_prefill = 0              # tokens the last turn prefilled
+        self.last_prompt_ms = 0.0
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.model.reset()
+        self.cached = []
+
+    def _render(self, messages) -> list[int]:
+        return self.tok.encode(format_chat(self.template, messages, self.tok), add_special=False, special=True)
+
+    def _fit(self, messages, on_notice) -> tuple[list, list[int]]:
+        """When the rendered conversation leaves fewer than `reserve` tokens free, drop the oldest
+        turns until it fills at most half the context (llama.cpp discards half too): the kept
+        conversation is prefilled once, and the next turns again add only their own tokens."""
+        ids = self._render(messages)
+        n_ctx, dropped = self.model.n_ctx, 0
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        limit = n_ctx if len(ids) + self.reserve <= n_ctx else n_ctx // 2
+        while len(ids) + self.reserve > limit and len(messages) - first > 1:
+            k = first + (2 if len(messages) - first > 2 else 1)   # a user turn and its reply
+            dropped += k - first
+            messages = messages[:first] + messages[k:]
+            ids = self._render(messages)
+        if len(ids) + 1 > n_ctx:
+            raise EdgertError(f"the message alone has {len(ids)} tokens with the template, more than the "
+                              f"context of {n_ctx} (raise -c)")
+        if dropped and on_notice:
+            on_notice(f"context full: the oldest {dropped} messages were dropped "
+                      f"({len(ids)} of {n_ctx} tokens kept)")
+        return messages, ids
+
+    def turn(self, text: str, n_predict: int, on_token=None, on_notice=None, stop=None):
+        """Add the user's message, generate the reply; -> (reply text, Timings)."""
+        import time
+
+        from edgert.generate import Timings
+        from edgert.sampling import Sampler
+        self.messages, ids = self._fit(self.messages + [{"role": "user", "content": text}], on_notice)
+        same = 0
+        for a, b in zip(ids, self.cached):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(ids) - 1)          # at least one token to prefill: its logits start the reply
+        kept = self.model.rewind(same)
+        tm = Timings()
+        t0 = time.perf_counter()
+        logits = self.model.prefill(ids[kept:])
+        tm.t_prompt_ms, tm.n_prompt = (time.perf_counter() - t0) * 1e3, len(ids) - kept
+        self.last_prefill, self.cached = len(ids) - kept, list(ids)
+        sampler, reply = Sampler(self.params), []
+        room = self.model.n_ctx - len(ids)
+        limit = room if n_predict < 0 else min(n_predict, room)
+        while True:
+            ts = time.perf_counter()
+            t = sampler(logits)
+            tm.t_sample_ms += (time.perf_counter() - ts) * 1e3
+            tm.n_sample += 1
+            if self.tok.is_eog(t):
+                break
+            reply.append(t)
+            if on_token:
+                on_token(t)
+            if (stop and stop()) or len(reply) >= limit:
+                break
+            te = time.perf_counter()
+            logits = self.model.decode_one_token(t)
+            self.cached.append(t)
+            tm.t_eval_ms += (time.perf_counter() - te) * 1e3
+            tm.n_eval += 1
+        if len(reply) >= room and on_notice:
+            on_notice(f"context full: the reply was cut at {len(reply)} tokens; the next message drops the "
+                      "oldest turns")
+        tm.tokens = reply
+        answer = self.tok.decode(reply)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer, tm

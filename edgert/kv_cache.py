@@ -276,6 +276,19 @@ class KVCache:
         if not self.fmt.adaptive:  # one tier: a position's slot is fixed
             self.slot[:] = np.arange(self.n_ctx, dtype=np.int32)
 
+    def rewind(self, n: int) -> int:
+        """Forget positions n.. (a conversation whose new prompt shares only its first n tokens
+        with what is cached); returns the positions kept. Fixed-slot formats keep n; the
+        token-adaptive one hands out slots by importance as positions arrive, so it starts over (0)."""
+        if self.exact:
+            return n
+        if self.fmt.adaptive:
+            self.reset()
+            return 0
+        self.tier[:, n:] = -1
+        self.hw[:] = np.minimum(self.hw, n)
+        return n
+
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes(self.n_layer, self.n_kv, self.D, self.n_ctx)

@@ -303,6 +303,12 @@ class Model:
         self.n_past = 0
         self.kv.reset()
 
+    def rewind(self, n: int) -> int:
+        """Keep the first min(n, n_past) cached positions (the next forward continues there);
+        returns how many were kept (0 when the KV format cannot drop a suffix: kv_cache.rewind)."""
+        self.n_past = self.kv.rewind(min(n, self.n_past))
+        return self.n_past
+
     def set_kv(self, fmt: KVFormat):
         """Replace the KV cache by an empty one in format fmt (same context; re-charged to the budget)."""
         c = self.cfg
