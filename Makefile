@@ -14,7 +14,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64
 export NUMBA_CACHE_DIR ?= $(CACHE)/numba
 PROMPT ?= The three most useful things to know about running language models on a phone are
 
-.PHONY: setup runtime run test test-nojit warmup models moe random-moe bench deploy-check clean
+.PHONY: setup runtime run test test-nojit fuzz warmup models moe random-moe bench deploy-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -79,6 +79,13 @@ test: setup models $(FIXTURES)/.done-2
 # against the same references; intrinsics run through their Python stand-ins (kernels/quant.py)
 test-nojit: setup $(FIXTURES)/.done-2
 	NUMBA_DISABLE_JIT=1 EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q -p no:warnings tests/test_quant.py tests/test_kernels.py tests/test_fmath.py
+
+# the fuzz campaign (tests/test_fuzz.py): 2000 random cases for each of GGUF files, packages, device
+# profile values and text, tokenizer input, CLI arguments and probe transcripts (14,000); the test
+# suite runs the same targets as a fixed-seed smoke
+fuzz: setup
+	EDGERT_FUZZ_EXAMPLES=2000 EDGERT_FUZZ_RANDOM=1 EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q \
+		-p no:cacheprovider --hypothesis-show-statistics tests/test_fuzz.py tests/test_deploy.py -k fuzz
 
 bench: setup
 	$(BIN)/edgert bench -m smollm2-135m,qwen2.5-coder-0.5b -t 2 --baseline llama.cpp

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     if cmd not in COMMANDS:
         print(f"edgert: unknown command '{cmd}'\n\n{usage()}", file=sys.stderr)
         return 2
+    if hasattr(sys.stderr, "reconfigure"):  # messages quoting undecodable arguments never fail to print
+        sys.stderr.reconfigure(errors="backslashreplace")
     from edgert.apps.common import setup_logging
     from edgert.errors import EdgertError
     setup_logging()

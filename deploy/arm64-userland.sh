@@ -31,6 +31,8 @@ create() {
   cp /etc/ssl/certs/ca-certificates.crt "$ROOT.tmp/etc/ssl/certs/"
   touch "$ROOT.tmp/.edgert-ready"
   mv "$ROOT.tmp" "$ROOT"
+  # a new root has new host keys: forget the old root's in edgert's known_hosts
+  ssh-keygen -q -R "[127.0.0.1]:$PORT" -f "$HOME/.cache/edgert/known_hosts" 2>/dev/null || true
 }
 
 mounts() {

@@ -53,7 +53,8 @@ class GGUFFile:
         except (OSError, ValueError) as e:
             raise EdgertError(f"{self.path}: cannot map the file ({getattr(e, 'strerror', None) or e})") from None
         try:
-            self.version, self.metadata, self.tensors = _parse(self._mm, self.path, self.size)
+            self.version, self.metadata, tensors = _parse(self._mm, self.path, self.size)
+            self.tensors = Tensors(self.path, tensors)
         except EdgertError:
             self.close()
             raise
@@ -198,6 +199,17 @@ class Metadata(dict):
     def length(self, key):
         """len() of an array value without reading it (None when absent)."""
         return len(dict.__getitem__(self, key)) if key in self else None
+
+
+class Tensors(dict):
+    """Tensor infos by name; a name the file lacks is the file's problem, said in one line."""
+
+    def __init__(self, path, items):
+        super().__init__(items)
+        self.path = path
+
+    def __missing__(self, name):
+        raise EdgertError(f"{self.path}: missing tensor '{name}'")
 
 
 class _Cursor:

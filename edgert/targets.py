@@ -168,6 +168,11 @@ class SshTarget:
             c.connect(addr.host, port=addr.port, username=addr.user or None,
                       key_filename=os.path.expanduser(identity) if identity else None,
                       timeout=20, banner_timeout=30, auth_timeout=30)
+        except paramiko.BadHostKeyException as e:
+            host = addr.host if addr.port == 22 else f"[{addr.host}]:{addr.port}"
+            raise EdgertError(f"{addr}: the host key changed ({e.key.get_name()} {e.key.get_fingerprint().hex()[:16]}...) "
+                              f"since it was first trusted: if the device was reinstalled, run "
+                              f"`ssh-keygen -R '{host}' -f {self.known_hosts}`; otherwise do not connect") from None
         except paramiko.AuthenticationException:
             raise EdgertError(f"{addr}: authentication failed (give a key with --identity)") from None
         except (OSError, paramiko.SSHException, EOFError) as e:

@@ -140,7 +140,10 @@ def test_real_adb_without_a_device_is_one_line():
         subprocess.run(["adb", "kill-server"], capture_output=True)
 
 
-@settings(max_examples=200, deadline=None)
+from tests.test_fuzz import FUZZ  # noqa: E402  (the campaign's settings: make fuzz)
+
+
+@FUZZ
 @given(st.data())
 def test_probe_parser_fuzz(data):
     """Truncated, spliced and corrupted transcripts give a profile the loader accepts or one

@@ -1,0 +1,241 @@
+"""The fuzz campaign (hypothesis): every input path a user or a file controls either works or
+fails with one EdgertError naming the problem -- never another exception, a hang or a crash.
+
+  targets: GGUF files (header, metadata, vocabulary arrays, tensor infos, truncation) through
+           GGUFFile, the config, the tokenizer and Model loading; edgert packages (their recipe);
+           device profiles (parsed TOML values and raw text); tokenizer input; CLI arguments;
+           probe transcripts (tests/test_deploy.py).
+  CI:      a fixed-seed smoke (derandomized, EDGERT_FUZZ_EXAMPLES per target, default 40).
+  make fuzz: EDGERT_FUZZ_EXAMPLES=2000 over the six targets here = 12,000 cases, plus the probe's.
+Cases that once failed are pinned with @example (the regression corpus)."""
+from __future__ import annotations
+
+import os
+import random
+import struct
+import tomllib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+from edgert.errors import EdgertError
+
+N = int(os.environ.get("EDGERT_FUZZ_EXAMPLES", "40"))
+FUZZ = settings(max_examples=N, deadline=None, derandomize=os.environ.get("EDGERT_FUZZ_RANDOM") != "1",
+                suppress_health_check=list(HealthCheck), database=None)
+
+
+@pytest.fixture(scope="module")
+def gguf_seed(tiny_models):
+    from edgert.gguf_file import GGUFFile
+    path = tiny_models["llama"]
+    g = GGUFFile(path)
+    data_start = min(t.offset for t in g.tensors.values())
+    g.close()
+    with open(path, "rb") as f:
+        return Seed(f.read(), data_start)
+
+
+class Seed(tuple):
+    """(file bytes, where tensor data starts), shown short in hypothesis' failure reports."""
+    def __new__(cls, blob, data_start):
+        return super().__new__(cls, (blob, data_start))
+
+    def __repr__(self):
+        return f"Seed({len(self[0])} bytes, data at {self[1]})"
+
+
+def _load_everything(path: str):
+    """What `edgert run` does with a file before generating: parse, config, tokenizer, model."""
+    from edgert.config import config_from_gguf
+    from edgert.gguf_file import GGUFFile
+    from edgert.model import Model
+    from edgert.tokenizer import Tokenizer
+    g = GGUFFile(path)
+    try:
+        config_from_gguf(g)
+        tok = Tokenizer(g.metadata, path)
+        tok.encode("fuzz me", add_special=True)
+    finally:
+        g.close()
+    m = Model(path, n_ctx=16, n_batch=8)
+    m.forward(np.array([1, 2, 3]))
+
+
+def _mutate(blob: bytes, data_start: int, ops) -> bytes:
+    b = bytearray(blob)
+    for kind, pos, val in ops:
+        if not b:
+            break
+        pos = pos % max(1, min(data_start, len(b)))   # the header, metadata and tensor infos
+        if kind == "byte":
+            b[pos] = val & 0xFF
+        elif kind == "u64":                  # a length / count / offset field made extreme
+            b[pos:pos + 8] = struct.pack("<Q", [0, 1, 2**31, 2**63 - 1, 2**64 - 1, val][val % 6])
+        elif kind == "cut":
+            del b[pos:]
+        elif kind == "insert":
+            b[pos:pos] = bytes([val & 0xFF]) * (1 + val % 7)
+    return bytes(b)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["byte", "byte", "u64", "cut", "insert"]),
+                         st.integers(0, 2**20), st.integers(0, 2**32)), min_size=1, max_size=4)
+
+
+@FUZZ
+@given(ops=OPS)
+@example(ops=[("u64", 16, 3)])           # the tensor count 2**63 - 1
+@example(ops=[("cut", 30, 0)])           # truncated inside the metadata
+def test_fuzz_gguf(gguf_seed, tmp_path_factory, ops):
+    blob, data_start = gguf_seed
+    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    path.write_bytes(_mutate(blob, data_start, ops))
+    try:
+        _load_everything(str(path))
+    except EdgertError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@pytest.fixture(scope="module")
+def package_seed(tiny_models, tmp_path_factory):
+    from edgert.converters.package import convert
+    out = str(tmp_path_factory.mktemp("pkg") / "tiny.edgert.gguf")
+    from pydoc_data.topics import topics
+    text = "\n".join(topics[k] for k in sorted(topics))[:20000]
+    convert(tiny_models["llama"], out, text, "fuzz", levels=(0.5,), calib_tokens=128, window=128)
+    from edgert.gguf_file import GGUFFile
+    g = GGUFFile(out)
+    data_start = min(t.offset for t in g.tensors.values())
+    g.close()
+    with open(out, "rb") as f:
+        return Seed(f.read(), data_start)
+
+
+@FUZZ
+@given(ops=OPS)
+def test_fuzz_package(package_seed, tmp_path_factory, ops):
+    """A package's header, recipe and tensor index mutated: refused in one line or loaded (and
+    its sparse FFN runs)."""
+    from edgert.model import Model
+    blob, data_start = package_seed
+    path = tmp_path_factory.mktemp("pkg") / "p.edgert.gguf"
+    path.write_bytes(_mutate(blob, data_start, ops))
+    try:
+        m = Model(str(path), n_ctx=16, n_batch=8, ffn="sparse")
+        m.forward(np.array([1, 2, 3]))
+        m.decode_one_token(4)
+    except EdgertError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+# ---------------------------------------------------------------------------- device profiles
+
+def _shipped_profile() -> dict:
+    from edgert.device_profiles.loader import HERE
+    return tomllib.loads((HERE / "pixel-8-pro.toml").read_text())
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=True),
+                   st.text(max_size=8), st.lists(st.integers(-5, 5), max_size=4),
+                   st.lists(st.lists(st.floats(-10, 1e9), max_size=4), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+@FUZZ
+@given(data=st.data())
+@example(data=None)
+def test_fuzz_profile_values(data):
+    """A shipped profile with fields removed, retyped or set to extreme values."""
+    from edgert.device_profiles.loader import profile_from_dict
+    d = _shipped_profile()
+    if data is not None:
+        for _ in range(data.draw(st.integers(1, 4))):
+            table = data.draw(st.sampled_from(["", "cpu", "memory", "flash", "accelerators", "access"]))
+            node = d if table == "" else d.get(table)
+            if isinstance(node, list):
+                node = node[0] if node else {}
+            if not isinstance(node, dict) or not node:
+                continue
+            key = data.draw(st.sampled_from(sorted(node) + ["unknown_key"]))
+            if data.draw(st.booleans()):
+                node.pop(key, None)
+            else:
+                node[key] = data.draw(VALUES)
+    try:
+        profile_from_dict(d, "fuzz.toml")
+    except EdgertError as e:
+        assert str(e).startswith("fuzz.toml: ") and "\n" not in str(e)
+
+
+@FUZZ
+@given(cut=st.integers(0, 4000), junk=st.text(max_size=20), at=st.integers(0, 4000))
+def test_fuzz_profile_text(tmp_path_factory, cut, junk, at):
+    from edgert.device_profiles.loader import HERE, load_profile
+    text = (HERE / "jetson-orin-nano-8gb.toml").read_text()
+    text = text[:at] + junk + text[at:]
+    p = tmp_path_factory.mktemp("prof") / "x.toml"
+    p.write_text(text[:len(text) - cut % (len(text) + 1)], errors="surrogateescape")
+    try:
+        load_profile(str(p))
+    except EdgertError as e:
+        assert str(e).startswith(str(p)) and "\n" not in str(e)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+@pytest.fixture(scope="module")
+def tokenizers_(tiny_models):
+    from edgert.gguf_file import GGUFFile
+    from edgert.tokenizer import Tokenizer
+    return [Tokenizer(GGUFFile(tiny_models[a]).metadata, tiny_models[a]) for a in ("llama", "gemma3")]
+
+
+@FUZZ
+@given(text=st.text(max_size=200), special=st.booleans(), ids=st.lists(st.integers(-5, 10**6), max_size=20))
+@example(text="\udcff abc", special=False, ids=[])       # invalid UTF-8 from a command line
+def test_fuzz_tokenizer(tokenizers_, text, special, ids):
+    for tok in tokenizers_:
+        try:
+            out = tok.encode(text, add_special=True, special=special)
+        except EdgertError as e:
+            assert "not valid UTF-8" in str(e)
+            continue
+        assert all(0 <= t < tok.n_vocab for t in out)
+        tok.decode([t for t in ids if 0 <= t < tok.n_vocab])
+
+
+# ---------------------------------------------------------------------------- CLI arguments
+
+OPTIONS = ["-m", "-p", "-n", "-t", "-c", "-b", "--temp", "--top-k", "--top-p", "-s", "--mem-budget", "--device",
+           "--ffn", "-ctk", "-ctv", "--kv-bits", "--sparsity", "--json", "-f", "--help", "--ignore-eos", "--chat"]
+WORDS = ["0", "-1", "-5", "1", "2", "nan", "inf", "1e9", "99999999999999999999", "", "x", "700MB", "-3GB", "150%",
+         "f16", "q8_0", "auto", "host", "pixel-8-pro", "nope", "dense", "sparse", "\udcff", "/dev/null", "/proc"]
+
+
+@FUZZ
+@given(cmd=st.sampled_from(["run", "tokenize", "show", "devices", "list", "warmup", "nonsense"]),
+       argv=st.lists(st.one_of(st.sampled_from(OPTIONS), st.sampled_from(WORDS)), max_size=8))
+@example(cmd="run", argv=["-c", "-5"])
+@example(cmd="run", argv=["-p", "\udcff"])
+def test_fuzz_cli(tiny_models, capsys, monkeypatch, cmd, argv):
+    """Random argument lists: a usage error (2), a one-line error (1) or success, never an
+    internal error (70) or a traceback. -m is the tiny model unless the list names another."""
+    from edgert.apps.cli import main
+    monkeypatch.setenv("EDGERT_MODEL", tiny_models["llama"])
+    args = [cmd] + list(argv)
+    if cmd in ("run",) and "-n" not in argv:
+        args += ["-n", "2"]
+    if "-n" in argv:  # keep runs short: every -n value at most 4
+        args = [a if not (i and args[i - 1] == "-n" and a.lstrip("-").isdigit()) else str(min(int(a), 4))
+                for i, a in enumerate(args)]
+    if "-c" in args or "--ctx-size" in args:
+        args = [a if not (i and args[i - 1] == "-c" and a.isdigit()) else str(min(int(a), 256))
+                for i, a in enumerate(args)]
+    try:
+        rc = main(args)
+    except SystemExit as e:   # argparse: --help (0) or a usage error (2)
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc in (0, 1, 2, None), (args, err[-2000:])
+    assert "Traceback" not in err, (args, err[-2000:])
