@@ -163,14 +163,23 @@ class FlashReader:
                 raise EdgertError(f"{self.path}: read error at offset {offset + got} "
                                   f"({want - got} bytes): {e.strerror or e}") from None
             if n == 0:
+                self._shrunk(offset + got)
                 raise EdgertError(f"{self.path}: unexpected end of file at offset {offset + got}")
             new = got + n
             if new < want and new % block:
                 new -= new % block
                 if new <= got:
+                    self._shrunk(offset + got)
                     raise EdgertError(f"{self.path}: O_DIRECT read at offset {offset + got} makes no "
                                       f"progress ({n} bytes per call)")
             got = new
+
+    def _shrunk(self, at: int):
+        """A read came up short: if the file is now smaller than when opened, say so."""
+        now = os.fstat(self.fd).st_size
+        if now < self.size:
+            raise EdgertError(f"{self.path}: the file shrank from {self.size} to {now} bytes while in use "
+                              f"(truncated or overwritten?); read at offset {at}")
 
     def _read_direct(self, offset, out):
         """O_DIRECT: offset, length and address aligned. Aligned requests into aligned buffers go
