@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     try:
         return importlib.import_module(COMMANDS[cmd][0]).main(argv) or 0
     except EdgertError as e:
+        from edgert.errors import CorruptFile
         from edgert.registry import repull_hint
-        print(f"edgert: {e}{repull_hint(str(e))}", file=sys.stderr)
+        print(f"edgert: {e}{repull_hint(str(e)) if isinstance(e, CorruptFile) else ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nedgert: interrupted", file=sys.stderr)

@@ -13,3 +13,8 @@ class EdgertError(Exception):
         if len(msg) > MAX_CHARS:
             msg = msg[:MAX_CHARS - 3] + "..."
         super().__init__(msg)
+
+
+class CorruptFile(EdgertError):
+    """A model file whose contents are damaged (truncated, corrupt header, missing tensors): for an
+    installed model the CLI adds how to re-pull it."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgert.errors import EdgertError
+from edgert.errors import CorruptFile, EdgertError
 from edgert.kernels.quant import (BLOCK, CHUNK_ROWS, Q5_0, TYPE_NAMES, QMatrix, expand_q5_0, mmap_chunks,
                                   repack_chunked, row_bytes)
 
@@ -64,7 +64,7 @@ class GGUFFile:
 
     def require(self, key):
         if key not in self.metadata:
-            raise EdgertError(f"{self.path}: missing metadata key '{key}'")
+            raise CorruptFile(f"{self.path}: missing metadata key '{key}'")
         return self.metadata[key]
 
     def raw(self, name: str) -> np.ndarray:
@@ -88,10 +88,10 @@ class GGUFFile:
         """Read and repack tensor `name`, checking its type and (optionally) its shape."""
         t = self.check_type(name)
         if (rows is not None and t.rows != rows) or (cols is not None and t.cols != cols):
-            raise EdgertError(f"{self.path}: tensor '{name}' has shape {list(t.shape)}, "
+            raise CorruptFile(f"{self.path}: tensor '{name}' has shape {list(t.shape)}, "
                               f"expected [{cols}, {rows}]")
         if t.nbytes != t.rows * row_bytes(t.qtype, t.cols):
-            raise EdgertError(f"{self.path}: tensor '{name}' size {t.nbytes} does not match its shape")
+            raise CorruptFile(f"{self.path}: tensor '{name}' size {t.nbytes} does not match its shape")
         if self.reader is not None:
             chunks = self._read_chunks(t)
         else:
@@ -141,7 +141,7 @@ class GGUFFile:
 
     def tensor(self, name: str) -> TensorInfo:
         if name not in self.tensors:
-            raise EdgertError(f"{self.path}: missing tensor '{name}'")
+            raise CorruptFile(f"{self.path}: missing tensor '{name}'")
         return self.tensors[name]
 
     def close(self):
@@ -209,7 +209,7 @@ class Tensors(dict):
         self.path = path
 
     def __missing__(self, name):
-        raise EdgertError(f"{self.path}: missing tensor '{name}'")
+        raise CorruptFile(f"{self.path}: missing tensor '{name}'")
 
 
 class _Cursor:
@@ -218,7 +218,7 @@ class _Cursor:
 
     def need(self, n, what):
         if n < 0 or self.pos + n > self.size:
-            raise EdgertError(f"{self.path}: truncated GGUF while reading {what} at byte {self.pos}")
+            raise CorruptFile(f"{self.path}: truncated GGUF while reading {what} at byte {self.pos}")
 
     def unpack(self, fmt, what):
         n = struct.calcsize(fmt)
@@ -247,7 +247,7 @@ class _Cursor:
                 self.skip(etype, count, what)
                 return LazyArray(self.path, start, etype, count, what)
             return self.items(etype, count, what)
-        raise EdgertError(f"{self.path}: corrupt GGUF: unknown value type {vtype} for '{what}'")
+        raise CorruptFile(f"{self.path}: corrupt GGUF: unknown value type {vtype} for '{what}'")
 
     def items(self, etype, count, what) -> list:
         if etype in _NP:
@@ -257,7 +257,7 @@ class _Cursor:
             self.pos += n
             return arr.tolist()
         if count > self.size:
-            raise EdgertError(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
+            raise CorruptFile(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
         return [self.value(etype, what) for _ in range(count)]
 
     def skip(self, etype, count, what):
@@ -268,7 +268,7 @@ class _Cursor:
             self.pos += n
             return
         if count > self.size:
-            raise EdgertError(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
+            raise CorruptFile(f"{self.path}: corrupt GGUF: array '{what}' claims {count} items")
         for _ in range(count):
             n = self.unpack("<Q", what)
             self.need(n, what)
@@ -282,7 +282,7 @@ def _parse(mm, path, size):
     n_tensors = c.unpack("<Q", "header")
     n_kv = c.unpack("<Q", "header")
     if n_tensors > size or n_kv > size:
-        raise EdgertError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+        raise CorruptFile(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
     meta = Metadata()
     for _ in range(n_kv):
         key = c.string("metadata key")
@@ -292,21 +292,21 @@ def _parse(mm, path, size):
         name = c.string("tensor name")
         n_dims = c.unpack("<I", name)
         if n_dims > 4:
-            raise EdgertError(f"{path}: corrupt GGUF: tensor '{name}' has {n_dims} dimensions")
+            raise CorruptFile(f"{path}: corrupt GGUF: tensor '{name}' has {n_dims} dimensions")
         shape = tuple(c.unpack("<Q", name) for _ in range(n_dims))
         qtype = c.unpack("<I", name)
         offset = c.unpack("<Q", name)
         infos.append((name, qtype, shape, offset))
     align = int(meta.get("general.alignment", 32))
     if align <= 0 or align & (align - 1):
-        raise EdgertError(f"{path}: corrupt GGUF: alignment {align}")
+        raise CorruptFile(f"{path}: corrupt GGUF: alignment {align}")
     data_start = (c.pos + align - 1) // align * align
     tensors = {}
     for name, qtype, shape, offset in infos:
         nbytes = _tensor_nbytes(qtype, shape)
         t = TensorInfo(name, qtype, shape, data_start + offset, nbytes)
         if nbytes is not None and t.offset + nbytes > size:
-            raise EdgertError(f"{path}: truncated GGUF: tensor '{name}' ends at byte "
+            raise CorruptFile(f"{path}: truncated GGUF: tensor '{name}' ends at byte "
                               f"{t.offset + nbytes}, file has {size}")
         tensors[name] = t
     return version, meta, tensors
@@ -342,9 +342,9 @@ def _check_header(path: str) -> int:
     except OSError as e:  # not readable by this user, an I/O error, a special file
         raise EdgertError(f"{path}: cannot read ({e.strerror or e})") from None
     if head[:4] != GGUF_MAGIC:
-        raise EdgertError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
+        raise CorruptFile(f"{path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
     if len(head) < 24:
-        raise EdgertError(f"{path}: truncated GGUF: header is {len(head)} bytes")
+        raise CorruptFile(f"{path}: truncated GGUF: header is {len(head)} bytes")
     version = int.from_bytes(head[4:8], "little")
     if version not in (2, 3):
         raise EdgertError(f"{path}: unsupported GGUF version {version}")
