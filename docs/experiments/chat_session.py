@@ -43,12 +43,13 @@ def read_until(fd, pattern, timeout=300):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-m", "--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("-c", "--ctx-size", default="512")
     ap.add_argument("--save-json", default=None)
     a = ap.parse_args()
     exe = os.path.join(os.path.dirname(sys.executable), "edgert")
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(exe, [exe, "chat", "-m", a.model, "-c", "512", "-n", "64", "--temp", "0", "--timings", "-t", "2"])
+        os.execv(exe, [exe, "chat", "-m", a.model, "-c", a.ctx_size, "-n", "64", "--temp", "0", "--timings", "-t", "2"])
     read_until(fd, r"> $")
     rows = []
     for i, msg in enumerate(MESSAGES, 1):
@@ -72,7 +73,7 @@ def main() -> int:
           f"exit status {os.waitstatus_to_exitcode(status)} -> {'PASS' if ok else 'FAIL'}")
     if a.save_json:
         with open(a.save_json, "w") as f:
-            json.dump({"model": a.model, "turns": rows, "ratio_10_2": ratio, "pass": ok}, f, indent=1)
+            json.dump({"model": a.model, "ctx": int(a.ctx_size), "turns": rows, "ratio_10_2": ratio, "pass": ok}, f, indent=1)
     return 0 if ok else 1
 
 
