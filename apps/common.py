@@ -53,10 +53,13 @@ def add_sampling_args(p: argparse.ArgumentParser, temp: float):
     p.add_argument("-s", "--seed", type=ranged(int, -1), default=-1, help="RNG seed (-1 = random)")
 
 
-def add_model_args(p: argparse.ArgumentParser, ctx: bool = True):
+def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, runtime: bool = True):
+    """-m, and (runtime) the options of running a model: threads, device, budget, FFN, KV, context."""
     p.add_argument("-m", "--model", default=env("EDGERT_MODEL") or None,
                    help="pulled model name (see `edgert list`) or path to a .gguf file "
                         "[env EDGERT_MODEL; default: the registry's default model]")
+    if not runtime:  # a command that only reads the file (tokenize): no flag that would do nothing
+        return
     p.add_argument("-t", "--threads", type=ranged(int, 1), default=None,
                    help="CPU threads [env EDGERT_THREADS; default: physical cores]")
     p.add_argument("--device", default=env("EDGERT_DEVICE") or None,

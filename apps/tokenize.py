@@ -1,13 +1,12 @@
 """edgert tokenize: print the token ids of a text as a Python-style list (llama-tokenize --ids)."""
 from __future__ import annotations
 
-
 from edgert.apps.common import add_model_args, parser
 
 
 def main(argv) -> int:
     p = parser("tokenize", __doc__)
-    add_model_args(p, ctx=False)
+    add_model_args(p, runtime=False)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--no-bos", action="store_true", help="do not add BOS even if the model wants it")
     p.add_argument("--parse-special", action="store_true", help="match control tokens in the text")
