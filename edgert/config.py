@@ -92,17 +92,32 @@ def config_from_gguf(g) -> ModelConfig:
             v = v[0]
         try:
             v = kind(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise EdgertError(f"{g.path}: '{arch}.{key}' has invalid value {v!r}") from None
-        if v < minimum:
+        if v != v or v < minimum:
+            raise EdgertError(f"{g.path}: '{arch}.{key}' = {v} is out of range")
+        return v
+
+    def opt(key, default, kind=int, lo=None, hi=None):
+        """An optional value: absent -> default; present -> converted and within [lo, hi]."""
+        v = g.get(f"{arch}.{key}", default)
+        if v is None:
+            return default
+        if isinstance(v, list) and v and len(set(v)) == 1:
+            v = v[0]
+        try:
+            v = kind(v)
+        except (TypeError, ValueError, OverflowError):
+            raise EdgertError(f"{g.path}: '{arch}.{key}' has invalid value {v!r}") from None
+        if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
             raise EdgertError(f"{g.path}: '{arch}.{key}' = {v} is out of range")
         return v
 
     n_embd = need("embedding_length")
     n_layer = need("block_count")
     n_head = need("attention.head_count")
-    n_head_kv = int(g.get(f"{arch}.attention.head_count_kv", n_head))
-    head_dim = int(g.get(f"{arch}.attention.key_length", n_embd // n_head))
+    n_head_kv = opt("attention.head_count_kv", n_head, int, 1, n_head)
+    head_dim = opt("attention.key_length", n_embd // n_head, int, 2, 1 << 14)
     if n_head_kv < 1 or n_head % n_head_kv:
         raise EdgertError(f"{g.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
     if head_dim < 2 or head_dim % 2:
@@ -112,15 +127,15 @@ def config_from_gguf(g) -> ModelConfig:
     n_tokens = g.metadata.length("tokenizer.ggml.tokens")
     if n_tokens is not None and n_tokens != n_vocab:
         raise EdgertError(f"{g.path}: vocabulary has {n_tokens} tokens, embedding has {n_vocab} rows")
-    swa_window = int(g.get(f"{arch}.attention.sliding_window", 0) or 0) if a.get("swa_pattern") else 0
+    swa_window = opt("attention.sliding_window", 0, int, 0) if a.get("swa_pattern") else 0
     pattern = a.get("swa_pattern", 0)
     swa_layers = tuple(bool(swa_window and pattern and (il % pattern < pattern - 1)) for il in range(n_layer))
     rope_scale = 1.0
     if g.get(f"{arch}.rope.scaling.type") == "linear":
-        rope_scale = 1.0 / float(g.get(f"{arch}.rope.scaling.factor", 1.0))
+        rope_scale = 1.0 / opt("rope.scaling.factor", 1.0, float, 1e-6, 1e6)
     q_scale = 1.0 / math.sqrt(head_dim) if arch == "gemma3" else 1.0
-    n_expert = int(g.get(f"{arch}.expert_count", 0) or 0)
-    n_used = int(g.get(f"{arch}.expert_used_count", 0) or 0)
+    n_expert = opt("expert_count", 0, int)
+    n_used = opt("expert_used_count", 0, int)
     if n_expert or arch in MOE_ONLY:
         if not 1 <= n_expert <= MAX_EXPERTS:
             raise EdgertError(f"{g.path}: '{arch}.expert_count' = {n_expert} is out of range [1, {MAX_EXPERTS}]")
@@ -134,6 +149,9 @@ def config_from_gguf(g) -> ModelConfig:
     if a.get("shared_expert"):
         n_ff_shexp = need("expert_shared_feed_forward_length") \
             if f"{arch}.expert_shared_feed_forward_length" in g.metadata else n_ff
+    n_rot = opt("rope.dimension_count", head_dim, int, 2, head_dim)   # beyond head_dim: writes past a head
+    if n_rot % 2:
+        raise EdgertError(f"{g.path}: '{arch}.rope.dimension_count' = {n_rot} is odd")
     from edgert.kernels.quant import TYPE_NAMES
     return ModelConfig(
         arch=arch,
@@ -147,9 +165,9 @@ def config_from_gguf(g) -> ModelConfig:
         n_ff=n_ff,
         n_ctx_train=need("context_length"),
         rms_eps=need("attention.layer_norm_rms_epsilon", float, 0.0),
-        rope_base=float(g.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_base=opt("rope.freq_base", 10000.0, float, 1e-6, 1e12),
         rope_freq_scale=rope_scale,
-        n_rot=int(g.get(f"{arch}.rope.dimension_count", head_dim)),
+        n_rot=n_rot,
         rope_neox=a["rope_neox"],
         ffn_act=a["ffn_act"],
         qk_norm=a.get("qk_norm", False),
@@ -159,7 +177,7 @@ def config_from_gguf(g) -> ModelConfig:
         kq_scale=1.0 if arch == "gemma3" else 1.0 / math.sqrt(head_dim),
         swa_window=swa_window,
         swa_layers=swa_layers,
-        rope_base_swa=float(g.get(f"{arch}.rope.freq_base_swa", a.get("rope_base_swa", 10000.0))),
+        rope_base_swa=opt("rope.freq_base_swa", a.get("rope_base_swa", 10000.0), float, 1e-6, 1e12),
         tied_embeddings="output.weight" not in g.tensors,
         file_type=", ".join(sorted({TYPE_NAMES.get(t.qtype, str(t.qtype)) for t in g.tensors.values()})),
         n_expert=n_expert,

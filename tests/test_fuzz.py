@@ -239,3 +239,17 @@ def test_fuzz_cli(tiny_models, capsys, monkeypatch, cmd, argv):
     out, err = capsys.readouterr()
     assert rc in (0, 1, 2, None), (args, err[-2000:])
     assert "Traceback" not in err, (args, err[-2000:])
+
+
+@pytest.mark.parametrize("value", [320, 63, 0])
+def test_fuzz_found_rope_dimensions_beyond_a_head(gguf_seed, tmp_path, value):
+    """The campaign's one crash (a segfault in the rope kernel): rope.dimension_count mutated past
+    head_dim wrote beyond a head. Now refused in one line (odd or zero, too)."""
+    blob, _ = gguf_seed
+    key = b"llama.rope.dimension_count"
+    at = blob.index(key) + len(key) + 4          # the value after its u32 type
+    assert struct.unpack_from("<I", blob, at)[0] == 64
+    p = tmp_path / "m.gguf"
+    p.write_bytes(blob[:at] + struct.pack("<I", value) + blob[at + 4:])
+    with pytest.raises(EdgertError, match="rope.dimension_count' = .* (out of range|odd)"):
+        _load_everything(str(p))
