@@ -275,6 +275,7 @@ def record(r, bw, meta) -> dict:
         "prefetch_precision": r.stats.get("prefetch_precision"), "prefetch": r.stats.get("prefetch"),
         "expert_slots": r.stats.get("expert_slots"), "experts_total": r.stats.get("experts_total"),
         "kv_bytes": r.stats.get("kv_bytes"), "kv_types": r.stats.get("kv_hist"),
+        "memory_mib": r.stats.get("memory_mib"),
     }
 
 

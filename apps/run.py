@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print the memory report: the plan and the measured peak in one MiB table")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the prompt and generated token ids, the text and the timings to FILE")
     return p
@@ -91,11 +93,18 @@ def main(argv) -> int:
         + ", ".join(f"{k} {v}" for k, v in h.items() if k != "bits_in_use") + f" ({h['bits_in_use']:.2f} bits per value)")
     for line in model.placement.lines():
         err(line)
+    from edgert.placement import memory_report
+    mem = memory_report(model.placement, peak_rss(), model.budget.source)
+    if args.verbose:
+        w = max(map(len, mem))
+        err(f"\n| {'memory':<{w}} | {'MiB':>9} |\n|{'-' * (w + 2)}|{'-' * 10}:|")
+        for k, v in mem.items():
+            err(f"| {k:<{w}} | {v:>9.1f} |")
     report_stats(model)
     if args.json:
         save_json(args.json, {"model": args.model, "prompt_tokens": [int(t) for t in ids],
                               "tokens": [int(t) for t in tm.tokens], "text": tok.decode(tm.tokens),
                               "timings": {"load_ms": tm.t_load_ms, "prompt_ms": tm.t_prompt_ms,
                                           "n_prompt": tm.n_prompt, "eval_ms": tm.t_eval_ms, "n_eval": tm.n_eval},
-                              "peak_rss": peak_rss(), "kernels": isa.describe()})
+                              "peak_rss": peak_rss(), "memory_mib": mem, "kernels": isa.describe()})
     return 0

@@ -106,6 +106,9 @@ class EdgertRunner:
         d["kv_bytes"] = kv.nbytes
         d["kv_vs_f16"] = kv.nbytes / f16_nbytes(kv.n_layer, kv.n_kv, kv.D, kv.n_ctx)
         d["kv_hist"] = kv.histogram(self.m.n_past)  # positions per type and the bits in use at the end
+        from edgert.placement import memory_report
+        from edgert.settings import peak_rss
+        d["memory_mib"] = memory_report(self.m.placement, peak_rss(), self.m.budget.source)
         return d
 
     def reset_stats(self):

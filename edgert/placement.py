@@ -63,6 +63,19 @@ class Placement:
         return out
 
 
+def memory_report(p: Placement, peak_rss: int, budget_source: str = "") -> dict:
+    """The plan and the measurement in one place (MiB): every planned category on top of the
+    measured fixed cost, the planned peak, the measured peak RSS and the budget. The same numbers
+    `run --verbose` prints, the bench JSON carries and a refusal quotes."""
+    rows = {"fixed process cost (measured at plan time)": p.fixed}
+    rows.update({f"{k} (planned)": v for k, v in p.plan.items() if v})
+    rows["planned peak (load staging freed before the caches)"] = p.fixed + p.peak
+    rows["measured peak RSS"] = peak_rss
+    rows["memory budget" + (f" ({budget_source})" if budget_source else "")] = p.limit
+    rows["headroom (budget - measured peak)"] = p.limit - peak_rss
+    return {k: round(v / 2**20, 1) for k, v in rows.items()}
+
+
 def _loaded_staging(p: Placement, stg: dict, tied: bool, gate_resident: bool) -> int:
     """Loading's transient bytes for the matrices this plan loads (those left on flash load nothing)."""
     keys = ["other"]

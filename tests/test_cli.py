@@ -146,3 +146,19 @@ def test_unreadable_model_is_one_line():
 def test_help_shows_defaults():
     r = run_cli("run", "--help")
     assert r.returncode == 0 and "(default: 128)" in r.stdout and "(default: 0.8)" in r.stdout
+
+
+def test_memory_report_is_one_table(tiny_models, tmp_path, capsys):
+    """run -v: the plan and the measured peak in one MiB table; --json carries the same numbers."""
+    import json
+    out = tmp_path / "r.json"
+    assert main(["run", "-m", tiny_models["llama"], "-p", "ab", "-n", "2", "--temp", "0", "-v", "--json", str(out)]) == 0
+    err = capsys.readouterr()[1]
+    mem = json.loads(out.read_text())["memory_mib"]
+    for k, v in mem.items():
+        assert f"| {k}" in err and f"{v:.1f} |" in err
+    planned = [v for k, v in mem.items() if k.endswith("(planned)")]
+    peak = mem["planned peak (load staging freed before the caches)"]
+    assert peak <= mem["fixed process cost (measured at plan time)"] + sum(planned) + 0.1
+    assert abs(mem["headroom (budget - measured peak)"] - (next(v for k, v in mem.items() if k.startswith("memory budget"))
+                                                             - mem["measured peak RSS"])) < 0.11
