@@ -237,7 +237,8 @@ def test_fuzz_cli(tiny_models, capsys, monkeypatch, cmd, argv):
     except SystemExit as e:   # argparse: --help (0) or a usage error (2)
         rc = e.code
     out, err = capsys.readouterr()
-    assert rc in (0, 1, 2, None), (args, err[-2000:])
+    tb = err[err.find("Traceback"):][:3000] if "Traceback" in err else err[-1500:]
+    assert rc in (0, 1, 2, None), (args, tb)
     assert "Traceback" not in err, (args, err[-2000:])
 
 
