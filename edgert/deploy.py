@@ -152,11 +152,8 @@ class Remote:
 
     def __post_init__(self):
         self.temp = self.temp.rstrip("/") or "/"
-
-    def __getattr__(self, name):  # wheels, venv, models, numba, out, cache
-        if name in ("wheels", "venv", "models", "numba", "out", "cache"):
-            return f"{self.temp}/{name}"
-        raise AttributeError(name)
+        self.wheels, self.venv, self.models = (f"{self.temp}/{d}" for d in ("wheels", "venv", "models"))
+        self.numba, self.out, self.cache = (f"{self.temp}/{d}" for d in ("numba", "out", "cache"))
 
     @property
     def env(self) -> str:
