@@ -6,7 +6,13 @@ import os
 
 
 def write_atomic(path: str, write, mode: str = "w"):
-    """write(f) into a temp file beside path, then rename: a killed run leaves no half-made file."""
+    """write(f) into a temp file beside path, then rename: a killed run leaves no half-made file.
+    A target that is not a regular file (/dev/null, a FIFO, /dev/stdout) is written in place: a
+    rename would replace the device node."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, mode) as f:
+            write(f)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:

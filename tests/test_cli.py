@@ -162,3 +162,18 @@ def test_memory_report_is_one_table(tiny_models, tmp_path, capsys):
     assert peak <= mem["fixed process cost (measured at plan time)"] + sum(planned) + 0.1
     assert abs(mem["headroom (budget - measured peak)"] - (next(v for k, v in mem.items() if k.startswith("memory budget"))
                                                              - mem["measured peak RSS"])) < 0.11
+
+
+def test_json_to_a_device_node_writes_through(tiny_models, tmp_path, capsys):
+    """--json /dev/null must not rename a temp file over the device node (as root it could)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    import threading
+    got = []
+    t = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    t.start()
+    assert main(["run", "-m", tiny_models["llama"], "-p", "ab", "-n", "2", "--temp", "0", "--json", str(fifo)]) == 0
+    t.join(10)
+    assert fifo.exists() and not fifo.is_file() and '"tokens"' in got[0]
+    assert main(["run", "-m", tiny_models["llama"], "-p", "ab", "-n", "1", "--json", "/dev/null"]) == 0
+    assert not os.path.isfile("/dev/null")
