@@ -115,6 +115,9 @@ def config_from_gguf(g) -> ModelConfig:
 
     n_embd = need("embedding_length")
     n_layer = need("block_count")
+    if n_layer > 4096 or f"blk.{n_layer - 1}.attn_norm.weight" not in g.tensors \
+            or f"blk.{n_layer}.attn_norm.weight" in g.tensors:   # a corrupt count would loop or misread
+        raise EdgertError(f"{g.path}: '{arch}.block_count' = {n_layer} does not match the file's layers")
     n_head = need("attention.head_count")
     n_head_kv = opt("attention.head_count_kv", n_head, int, 1, n_head)
     head_dim = opt("attention.key_length", n_embd // n_head, int, 2, 1 << 14)

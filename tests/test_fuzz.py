@@ -254,3 +254,17 @@ def test_fuzz_found_rope_dimensions_beyond_a_head(gguf_seed, tmp_path, value):
     p.write_bytes(blob[:at] + struct.pack("<I", value) + blob[at + 4:])
     with pytest.raises(EdgertError, match="rope.dimension_count' = .* (out of range|odd)"):
         _load_everything(str(p))
+
+
+@pytest.mark.parametrize("value", [2**31, 3, 1])
+def test_fuzz_found_block_count_not_the_files(gguf_seed, tmp_path, value):
+    """The campaign's one hang: block_count mutated to 2^31 looped over layers the file does not
+    have. Now one line (a count above or below the file's layers)."""
+    blob, _ = gguf_seed
+    key = b"llama.block_count"
+    at = blob.index(key) + len(key) + 4
+    assert struct.unpack_from("<I", blob, at)[0] == 2
+    p = tmp_path / "m.gguf"
+    p.write_bytes(blob[:at] + struct.pack("<I", value) + blob[at + 4:])
+    with pytest.raises(EdgertError, match="block_count' = .* does not match the file's layers"):
+        _load_everything(str(p))
