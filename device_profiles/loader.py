@@ -207,8 +207,11 @@ def profile_from_dict(d: dict, where: str) -> DeviceProfile:
     if mask <= 0:
         raise EdgertError(f"{where}: field 'access.big_core_mask' = '{acc['big_core_mask']}' is not a hex CPU mask")
     n_cores = sum(c.cores for c in clusters)
-    if mask >> n_cores:
-        raise EdgertError(f"{where}: field 'access.big_core_mask' names CPUs beyond the {n_cores} cores")
+    # CPU numbers need not be contiguous (a probe sees only the online cores), but the mask
+    # cannot name more CPUs than the profile has
+    if bin(mask).count("1") > n_cores or mask >> 1024:
+        raise EdgertError(f"{where}: field 'access.big_core_mask' names {bin(mask).count('1')} CPUs, more than "
+                          f"the {n_cores} cores")
     return DeviceProfile(
         name=d["name"], description=d["description"], soc=d["soc"], os=d["os"],
         clusters=tuple(clusters), ram_bytes=int(m["ram_gb"] * 2**30), app_share=float(m["app_share"]),

@@ -36,7 +36,7 @@ def _pixel():
     (lambda d: d["cpu"][0].update(kind="huge"), "'cpu[0].kind' = 'huge'"),
     (lambda d: d["flash"].update(curve=[[4, 1]]), "'flash.curve[0]' must be"),
     (lambda d: d["flash"].update(curve=[[4, 1, 0]]), "'flash.curve[0].mb_per_s' = 0 is impossible"),
-    (lambda d: d["access"].update(big_core_mask="0x10000"), "beyond the 9 cores"),
+    (lambda d: d["access"].update(big_core_mask="0x3ff"), "names 10 CPUs, more than the 9 cores"),
     (lambda d: d.pop("flash"), "missing table [flash]"),
 ])
 def test_bad_profile_errors_name_field(edit, msg):
