@@ -108,7 +108,7 @@ class EdgertRunner:
         d["kv_hist"] = kv.histogram(self.m.n_past)  # positions per type and the bits in use at the end
         from edgert.placement import memory_report
         from edgert.settings import peak_rss
-        d["memory_mib"] = memory_report(self.m.placement, peak_rss(), self.m.budget.source)
+        d["memory_mib"] = memory_report(self.m.placement, peak_rss(), self.m.budget.source if self.m.budget else "")
         return d
 
     def reset_stats(self):

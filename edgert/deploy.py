@@ -255,9 +255,9 @@ class RunResult:
 
 
 def run_on_device(t, r: Remote, model_remote: str, mask: str | None, threads: int, prompt: str, n: int,
-                  bench: str, local_dir: str, tegra_ms: int = 500) -> RunResult:
-    """Warm the cache, then `bench` and a greedy `run` there, tegrastats sampled when the device
-    has it; results pulled into local_dir."""
+                  bench: str, local_dir: str, tegra_ms: int = 500, profile_n: int = 8) -> RunResult:
+    """Warm the cache, then `bench`, a greedy `run` and a traced `profile` (Chrome trace) there,
+    tegrastats sampled when the device has it; results pulled into local_dir."""
     import json
     import time
     res = RunResult(local_dir=local_dir)
@@ -281,10 +281,14 @@ def run_on_device(t, r: Remote, model_remote: str, mask: str | None, threads: in
                                      f"--ignore-eos --json {q(r.out + '/run.json')}", mask), timeout=7200)
         if rc:
             raise EdgertError(f"run on the device failed: {_last_line(err or out, rc)}")
+        rc, out, err = t.sh(r.edgert(f"profile -m {q(model_remote)} -t {threads} -n {profile_n} -r 1 "
+                                     f"--trace {q(r.out + '/trace.json')}", mask), timeout=7200)
+        if rc:
+            raise EdgertError(f"profile on the device failed: {_last_line(err or out, rc)}")
     finally:
         if tegra:
             t.sh("tegrastats --stop >/dev/null 2>&1 || pkill tegrastats")
-    for name in ("bench.json", "run.json") + (("tegrastats.log",) if tegra else ()):
+    for name in ("bench.json", "run.json", "trace.json") + (("tegrastats.log",) if tegra else ()):
         t.get(f"{r.out}/{name}", os.path.join(local_dir, name))
     res.bench = json.loads(Path(local_dir, "bench.json").read_text())
     res.run = json.loads(Path(local_dir, "run.json").read_text())

@@ -177,3 +177,12 @@ def test_json_to_a_device_node_writes_through(tiny_models, tmp_path, capsys):
     assert fifo.exists() and not fifo.is_file() and '"tokens"' in got[0]
     assert main(["run", "-m", tiny_models["llama"], "-p", "ab", "-n", "1", "--json", "/dev/null"]) == 0
     assert not os.path.isfile("/dev/null")
+
+
+def test_bench_json_carries_the_memory_report(tiny_models, tmp_path):
+    import json
+    out = tmp_path / "b.json"
+    r = run_cli("bench", "-m", tiny_models["llama"], "-p", "4", "-n", "2", "-r", "1", "-t", "1", "--save-json", str(out))
+    assert r.returncode == 0, r.stderr[-800:]
+    rows = json.loads(out.read_text())
+    assert rows and all(row["memory_mib"]["measured peak RSS"] > 0 for row in rows)
