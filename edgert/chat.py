@@ -94,10 +94,7 @@ class Conversation:
 
     def turn(self, text: str, n_predict: int, on_token=None, on_notice=None, stop=None):
         """Add the user's message, generate the reply; -> (reply text, Timings)."""
-        import time
-
-        from edgert.generate import Timings
-        from edgert.sampling import Sampler
+        from edgert.generate import generate
         self.messages, ids = self._fit(self.messages + [{"role": "user", "content": text}], on_notice)
         same = 0
         for a, b in zip(ids, self.cached):
@@ -106,31 +103,17 @@ class Conversation:
             same += 1
         same = min(same, len(ids) - 1)          # at least one token to prefill: its logits start the reply
         kept = self.model.rewind(same)
-        tm = Timings()
-        t0 = time.perf_counter()
-        logits = self.model.prefill(ids[kept:])
-        tm.t_prompt_ms, tm.n_prompt = (time.perf_counter() - t0) * 1e3, len(ids) - kept
-        self.last_prefill, self.cached = len(ids) - kept, list(ids)
-        sampler, reply = Sampler(self.params), []
         room = self.model.n_ctx - len(ids)
-        limit = room if n_predict < 0 else min(n_predict, room)
-        while True:
-            ts = time.perf_counter()
-            t = sampler(logits)
-            tm.t_sample_ms += (time.perf_counter() - ts) * 1e3
-            tm.n_sample += 1
-            if self.tok.is_eog(t):
-                break
-            reply.append(t)
-            if on_token:
+        is_eog = self.tok.is_eog
+
+        def emit(t):
+            if on_token and not is_eog(t):
                 on_token(t)
-            if (stop and stop()) or len(reply) >= limit:
-                break
-            te = time.perf_counter()
-            logits = self.model.decode_one_token(t)
-            self.cached.append(t)
-            tm.t_eval_ms += (time.perf_counter() - te) * 1e3
-            tm.n_eval += 1
+        tm = generate(self.model, ids[kept:], room if n_predict < 0 else min(n_predict, room), self.params,
+                      is_eog=lambda t: is_eog(t) or bool(stop and stop()), on_token=emit)
+        reply = [t for t in tm.tokens if not is_eog(t)]
+        # the KV cache holds the prompt and every sampled token but the last (never decoded)
+        self.last_prefill, self.cached = len(ids) - kept, list(ids) + [int(t) for t in tm.tokens[:-1]]
         if len(reply) >= room and on_notice:
             on_notice(f"context full: the reply was cut at {len(reply)} tokens; the next message drops the "
                       "oldest turns")

@@ -84,34 +84,32 @@ def config_from_gguf(g) -> ModelConfig:
         raise EdgertError(f"{g.path}: unknown architecture '{arch}' (supported: {', '.join(ARCHS)})")
     a = ARCHS[arch]
 
-    def need(key, kind=int, minimum=1):
-        v = g.require(f"{arch}.{key}")
-        if isinstance(v, list):  # per-layer arrays: all equal for the supported models
-            if len(set(v)) != 1:
-                raise EdgertError(f"{g.path}: per-layer '{arch}.{key}' values are not supported")
-            v = v[0]
-        try:
-            v = kind(v)
-        except (TypeError, ValueError, OverflowError):
-            raise EdgertError(f"{g.path}: '{arch}.{key}' has invalid value {v!r}") from None
-        if v != v or v < minimum:
-            raise EdgertError(f"{g.path}: '{arch}.{key}' = {v} is out of range")
-        return v
-
-    def opt(key, default, kind=int, lo=None, hi=None):
-        """An optional value: absent -> default; present -> converted and within [lo, hi]."""
-        v = g.get(f"{arch}.{key}", default)
+    def value(key, default=None, kind=int, lo=None, hi=None):
+        """A metadata value converted and within [lo, hi]; absent -> default, or an error when
+        there is no default (a required key). Per-layer arrays must hold one value."""
+        full = f"{arch}.{key}"
+        if full not in g.metadata and default is None:
+            g.require(full)
+        v = g.get(full, default)
         if v is None:
             return default
-        if isinstance(v, list) and v and len(set(v)) == 1:
+        if isinstance(v, list):  # per-layer arrays: all equal for the supported models
+            if len(set(v)) != 1:
+                raise EdgertError(f"{g.path}: per-layer '{full}' values are not supported")
             v = v[0]
         try:
             v = kind(v)
         except (TypeError, ValueError, OverflowError):
-            raise EdgertError(f"{g.path}: '{arch}.{key}' has invalid value {v!r}") from None
+            raise EdgertError(f"{g.path}: '{full}' has invalid value {v!r}") from None
         if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise EdgertError(f"{g.path}: '{arch}.{key}' = {v} is out of range")
+            raise EdgertError(f"{g.path}: '{full}' = {v} is out of range")
         return v
+
+    def need(key, kind=int, minimum=1):
+        return value(key, None, kind, minimum)
+
+    def opt(key, default, kind=int, lo=None, hi=None):
+        return value(key, default, kind, lo, hi)
 
     n_embd = need("embedding_length")
     n_layer = need("block_count")

@@ -14,14 +14,16 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgert.errors import EdgertError
-from edgert.registry import sha256_file
-from edgert.targets import q
+from edgert.device_probe import df_free_kib
+from edgert.fileio import sha256_file
+from edgert.targets import last_line, q
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,15 @@ def remote_size(t, path: str) -> int | None:
 
 def free_bytes(t, directory: str) -> int | None:
     rc, out, _ = t.sh(f"mkdir -p {q(directory)} && df -k {q(directory)} | tail -n 1")
-    f = out.split()
-    return int(f[3]) * 1024 if rc == 0 and len(f) >= 4 and f[3].isdigit() else None
+    kib = df_free_kib(out) if rc == 0 else None
+    return kib * 1024 if kib is not None else None
 
 
-def push(t, local: str, remote: str, progress=None) -> str:
+def push(t, local: str, remote: str, progress=None, want: str | None = None) -> str:
     """Copy a file to the device unless it is there already; resumes a `.part` left by an
-    interrupted push when its bytes match the local file's prefix; verified by sha256 before the
-    rename. Returns 'present', 'resumed' or 'sent'."""
-    size, want = os.path.getsize(local), sha256_file(local)
+    interrupted push when its bytes match the local file's prefix; verified by sha256 (`want`,
+    computed when not given) before the rename. Returns 'present', 'resumed' or 'sent'."""
+    size, want = os.path.getsize(local), want or sha256_file(local)
     if remote_size(t, remote) == size and remote_sha256(t, remote) == want:
         if progress:
             progress(size)
@@ -127,6 +129,7 @@ def build_wheels(machine: str, py: tuple[int, int], libc: tuple[str, str]) -> Pa
         raise EdgertError(f"deploy builds edgert's wheel from its source checkout; {src} has no pyproject.toml")
     for old in out.glob("edgert-*.whl"):
         old.unlink()
+    shutil.rmtree(src / "build", ignore_errors=True)   # setuptools' tree of an earlier build: stale files
     _pip([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(src)],
          "building edgert's wheel")
     return out
@@ -181,14 +184,15 @@ def install(t, r: Remote, wheels: Path, progress=None) -> bool:
     """Push the wheels and install them into r.venv with pip offline; skipped when the same set
     is installed already. Returns whether pip ran."""
     files = sorted(wheels.glob("*.whl"))
-    stamp = hashlib.sha256("".join(f"{f.name}:{sha256_file(str(f))}" for f in files).encode()).hexdigest()
+    sums = {f: sha256_file(str(f)) for f in files}
+    stamp = hashlib.sha256("".join(f"{f.name}:{sums[f]}" for f in files).encode()).hexdigest()
     rc, out, _ = t.sh(f"cat {q(r.venv + '/.edgert-wheels')} 2>/dev/null")
     if rc == 0 and out.strip() == stamp:
         return False
     t.sh(f"mkdir -p {q(r.wheels)} && cd {q(r.wheels)} && for f in *.whl; do [ -e \"$f\" ] || continue; "
          f"case \" {' '.join(f.name for f in files)} \" in *\" $f \"*) ;; *) rm -f \"$f\";; esac; done")
     for f in files:
-        push(t, str(f), f"{r.wheels}/{f.name}", progress)
+        push(t, str(f), f"{r.wheels}/{f.name}", progress, sums[f])
     edgert_whl = next(f.name for f in files if f.name.startswith("edgert-"))
     cmd = (f"[ -x {q(r.venv + '/bin/python')} ] || python3 -m venv {q(r.venv)} && "
            f"{q(r.venv + '/bin/pip')} install --quiet --no-index --find-links {q(r.wheels)} "
@@ -250,7 +254,6 @@ class RunResult:
     bench: list = field(default_factory=list)     # rows of the device's bench JSON
     run: dict = field(default_factory=dict)       # the device's run JSON (tokens, timings)
     tegrastats: list = field(default_factory=list)
-    local_dir: str = ""
     warm_s: float = 0.0
 
 
@@ -260,14 +263,14 @@ def run_on_device(t, r: Remote, model_remote: str, mask: str | None, threads: in
     tegrastats sampled when the device has it; results pulled into local_dir."""
     import json
     import time
-    res = RunResult(local_dir=local_dir)
+    res = RunResult()
     os.makedirs(local_dir, exist_ok=True)
     t.sh(f"rm -rf {q(r.out)} && mkdir -p {q(r.out)} {q(r.numba)} {q(r.cache)}")
     t0 = time.perf_counter()
     rc, out, err = t.sh(r.edgert(f"warmup -m {q(model_remote)}", mask), timeout=7200)
     res.warm_s = time.perf_counter() - t0
     if rc:
-        raise EdgertError(f"warm-up on the device failed: {_last_line(err or out, rc)}")
+        raise EdgertError(f"warm-up on the device failed: {last_line(err or out, rc)}")
     rc, _, _ = t.sh("command -v tegrastats >/dev/null")
     tegra = rc == 0
     if tegra:
@@ -276,15 +279,15 @@ def run_on_device(t, r: Remote, model_remote: str, mask: str | None, threads: in
         rc, out, err = t.sh(r.edgert(f"bench -m {q(model_remote)} -t {threads} {bench} --save-json "
                                      f"{q(r.out + '/bench.json')} -o json", mask), timeout=7200)
         if rc:
-            raise EdgertError(f"bench on the device failed: {_last_line(err or out, rc)}")
+            raise EdgertError(f"bench on the device failed: {last_line(err or out, rc)}")
         rc, out, err = t.sh(r.edgert(f"run -m {q(model_remote)} -t {threads} -p {q(prompt)} -n {n} --temp 0 "
                                      f"--ignore-eos --json {q(r.out + '/run.json')}", mask), timeout=7200)
         if rc:
-            raise EdgertError(f"run on the device failed: {_last_line(err or out, rc)}")
+            raise EdgertError(f"run on the device failed: {last_line(err or out, rc)}")
         rc, out, err = t.sh(r.edgert(f"profile -m {q(model_remote)} -t {threads} -n {profile_n} -r 1 "
                                      f"--trace {q(r.out + '/trace.json')}", mask), timeout=7200)
         if rc:
-            raise EdgertError(f"profile on the device failed: {_last_line(err or out, rc)}")
+            raise EdgertError(f"profile on the device failed: {last_line(err or out, rc)}")
     finally:
         if tegra:
             t.sh("tegrastats --stop >/dev/null 2>&1 || pkill tegrastats")
@@ -298,7 +301,3 @@ def run_on_device(t, r: Remote, model_remote: str, mask: str | None, threads: in
         save_json(os.path.join(local_dir, "tegrastats.trace.json"), {"traceEvents": tegrastats_trace(res.tegrastats)})
     return res
 
-
-def _last_line(text: str, rc: int) -> str:
-    lines = [l for l in text.splitlines() if l.strip()]
-    return lines[-1] if lines else f"exit {rc}"

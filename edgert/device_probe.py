@@ -235,11 +235,12 @@ def parse(out: str, target: str, date: str | None = None) -> dict:
         "access": {"method": target.split(":", 1)[0], "address": target.split(":", 1)[1] if ":" in target else "",
                    "temp_dir": "", "big_core_mask": hex(big_mask or 1)},
         "_facts": {"machine": machine, "emulated": emulated, "python": s.get("python", "").split(), "thermal": thermal,
-                   "free_kib": _df_free(s.get("df", "")), "props": props},
+                   "free_kib": df_free_kib(s.get("df", "")), "props": props},
     }
 
 
-def _df_free(text: str) -> int | None:
+def df_free_kib(text: str) -> int | None:
+    """Free KiB from the last line of `df -k DIR` (GNU and toybox: the 4th column)."""
     f = text.split()
     return int(f[3]) if len(f) >= 4 and f[3].isdigit() else None
 

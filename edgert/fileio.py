@@ -2,6 +2,7 @@
 target, then an atomic rename."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -26,3 +27,13 @@ def write_atomic(path: str, write, mode: str = "w"):
 def save_json(path: str, data) -> None:
     import json
     write_atomic(path, lambda f: json.dump(data, f, indent=1))
+
+
+def sha256_file(path, limit: int | None = None) -> str:
+    """sha256 of a file (of its first `limit` bytes)."""
+    h, left = hashlib.sha256(), limit if limit is not None else 1 << 62
+    with open(path, "rb") as f:
+        while left > 0 and (b := f.read(min(1 << 22, left))):
+            h.update(b)
+            left -= len(b)
+    return h.hexdigest()

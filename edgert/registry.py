@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgert.errors import EdgertError
+from edgert.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,6 @@ def resolve(model: str) -> str:
 
 def installed() -> list[tuple[str, Path]]:
     return [(n, local_path(n)) for n in registry()["models"] if local_path(n).exists()]
-
-
-def sha256_file(path, limit: int | None = None) -> str:
-    """sha256 of a file (of its first `limit` bytes)."""
-    h, left = hashlib.sha256(), limit if limit is not None else 1 << 62
-    with open(path, "rb") as f:
-        while left > 0 and (b := f.read(min(1 << 22, left))):
-            h.update(b)
-            left -= len(b)
-    return h.hexdigest()
 
 
 def repull_hint(message: str) -> str:
@@ -141,7 +132,10 @@ def clean_stale(models: Path) -> None:
             m = re.fullmatch(pattern, f.name)
             if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
                 log.info("removing %s, left by a killed pull", f)
-                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+                if f.is_dir():
+                    shutil.rmtree(f, ignore_errors=True)
+                else:
+                    f.unlink(missing_ok=True)
 
 
 def _download(name: str, entry: dict, target: Path, tmp: str, progress) -> Path:

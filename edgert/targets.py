@@ -13,6 +13,7 @@ Errors become one-line EdgertErrors naming the target: no device, lost connectio
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -84,9 +85,9 @@ class AdbTarget:
         """The adb command line for `adb [-s SERIAL] ARGS...`."""
         return [self.adb] + (["-s", self.addr.host] if self.addr.host else []) + list(args)
 
-    def _adb(self, *args: str, timeout: float = 60, data: bytes | None = None) -> subprocess.CompletedProcess:
+    def _adb(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         try:
-            return subprocess.run(self.argv(*args), input=data, capture_output=True, timeout=timeout)
+            return subprocess.run(self.argv(*args), capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise EdgertError(f"{self.addr}: adb {args[0]} timed out after {timeout:g} s") from None
 
@@ -140,9 +141,14 @@ class AdbTarget:
         pass
 
 
+def last_line(text: str, rc: int) -> str:
+    """The last non-empty line of a command's output (its error, usually), else its exit code."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit {rc}"
+
+
 def _last(r: subprocess.CompletedProcess) -> str:
-    lines = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
-    return lines[-1] if lines else f"exit {r.returncode}"
+    return last_line((r.stderr or r.stdout).decode(errors="replace"), r.returncode)
 
 
 # ============================================================================================
@@ -209,7 +215,7 @@ class SshTarget:
                     if progress:
                         progress(len(data))
         except (OSError, self._paramiko.SSHException, EOFError) as e:
-            if isinstance(e, OSError) and getattr(e, "errno", None) == 28 or "No space" in str(e):
+            if getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e):
                 raise EdgertError(f"{self.addr}: no space left writing {remote}") from None
             raise self._lost(f"push of {os.path.basename(local)}", e) from None
 
