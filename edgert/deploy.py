@@ -220,9 +220,9 @@ def parse_tegrastats(text: str, interval_ms: int) -> list[dict]:
         m = TEGRA_RE.search(line)
         if not m:
             continue
-        cores = [c for c in m.group(3).split(",") if "@" in c]
-        loads = [int(c.split("%")[0]) for c in cores]
-        mhz = [int(c.split("@")[1]) for c in cores]
+        cores = [re.fullmatch(r"\s*(\d+)%@(\d+)\s*", c) for c in m.group(3).split(",")]   # "off": offline
+        loads = [int(c.group(1)) for c in cores if c]
+        mhz = [int(c.group(2)) for c in cores if c]
         s = {"t_ms": i * interval_ms, "ram_mib": int(m.group(1)),
              "cpu_mhz": sum(mhz) / len(mhz) if mhz else 0, "cpu_load": sum(loads) / len(loads) if loads else 0}
         if m.group(4):
@@ -293,8 +293,11 @@ def run_on_device(t, r: Remote, model_remote: str, mask: str | None, threads: in
             t.sh("tegrastats --stop >/dev/null 2>&1 || pkill tegrastats")
     for name in ("bench.json", "run.json", "trace.json") + (("tegrastats.log",) if tegra else ()):
         t.get(f"{r.out}/{name}", os.path.join(local_dir, name))
-    res.bench = json.loads(Path(local_dir, "bench.json").read_text())
-    res.run = json.loads(Path(local_dir, "run.json").read_text())
+    try:
+        res.bench = json.loads(Path(local_dir, "bench.json").read_text())
+        res.run = json.loads(Path(local_dir, "run.json").read_text())
+    except (ValueError, OSError) as e:
+        raise EdgertError(f"{local_dir}: the device's results are not readable JSON ({e})") from None
     if tegra:
         res.tegrastats = parse_tegrastats(Path(local_dir, "tegrastats.log").read_text(), tegra_ms)
         from edgert.fileio import save_json

@@ -286,3 +286,17 @@ def test_tegrastats(name, cores, rails):
     assert len(mhz) == cores and s[0]["cpu_mhz"] == sum(mhz) / cores
     ev = dp.tegrastats_trace(s)
     assert {e["ph"] for e in ev} == {"C"} and ev[-1]["ts"] == (len(s) - 1) * 500 * 1000
+
+
+@FUZZ
+@given(st.data())
+def test_tegrastats_parser_fuzz(data):
+    """Real tegrastats lines cut, spliced and corrupted: samples or nothing, never an exception."""
+    lines = ((DATA / "tegrastats-agx-orin.txt").read_text() + (DATA / "tegrastats-orin-nano.txt").read_text()).splitlines()
+    line = data.draw(st.sampled_from(lines))
+    i = data.draw(st.integers(0, len(line)))
+    j = data.draw(st.integers(i, len(line)))
+    mutated = line[:i] + data.draw(st.text(max_size=12)) + line[j:]
+    for s in dp.parse_tegrastats(mutated, 500):
+        assert s["ram_mib"] >= 0 and s["cpu_mhz"] >= 0
+    dp.tegrastats_trace(dp.parse_tegrastats(mutated, 500))
