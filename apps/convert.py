@@ -1,4 +1,5 @@
-"""edgert convert: a GGUF model -> an edgert package (neuron clusters, thresholds, predictors)."""
+"""edgert convert: a GGUF model -> an edgert package (neuron clusters, thresholds, predictors), or
+(--to onnx) its dense blocks as ONNX graphs for --backend onnx (docs/backends.md)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,15 @@ from edgert.apps.common import device_threads, err, is_tty, model_path, parser, 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("convert", __doc__)
     p.add_argument("model", help="source .gguf file or pulled model name")
-    p.add_argument("-o", "--output", required=True, help="package to write (*.edgert.gguf)")
+    p.add_argument("-o", "--output", required=True,
+                   help="package to write (*.edgert.gguf), or with --to onnx the directory to write")
+    p.add_argument("--to", default="package", choices=("package", "onnx"),
+                   help="package: an edgert package (neuron cache); onnx: the dense blocks as ONNX graphs "
+                        "with their quantised weights (MatMulNBits, GroupQueryAttention) and a manifest")
+    p.add_argument("--activations", default="mixed", choices=("mixed", "f32", "int8"),
+                   help="--to onnx: the activations of the graphs' matrix products: f32, int8 (ONNX Runtime "
+                        "quantises them per block: fastest), or mixed: f32 for 4-bit weights, int8 for 8-bit "
+                        "ones (ONNX Runtime's float path for 8-bit weights is slow)")
     p.add_argument("--calib", default=None,
                    help="calibration text file (default: the Python standard library's pydoc topics)")
     p.add_argument("--sparsity", type=float, default=0.3,
@@ -38,12 +47,36 @@ def default_calibration() -> tuple[str, str]:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics)), "pydoc_data.topics"
 
 
+def export_onnx(src: str, args) -> int:
+    from edgert.converters.onnx_export import export
+    bar = []
+
+    def progress(stage, n, total):
+        if is_tty():
+            if not bar:
+                from tqdm import tqdm
+                bar.append(tqdm(total=total, desc=stage, unit=" graphs", leave=True))
+            bar[0].update(n - bar[0].n)
+    try:
+        m = export(src, args.output, acts=args.activations, progress=progress)
+    finally:
+        for b in bar:
+            b.close()
+    size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
+    n_ffn = sum(1 for L in m["layers"] if L["ffn"])
+    err(f"convert: wrote {args.output} ({size / 2**20:.1f} MiB): embedding, {m['n_layer']} attention blocks, "
+        f"{n_ffn} FFN graphs, LM head; activations {m['activations']}")
+    return 0
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     from edgert.errors import EdgertError
     from edgert.converters.package import convert
     setup_threads(device_threads(args))
     src = model_path(args.model)
+    if args.to == "onnx":
+        return export_onnx(src, args)
     if args.calib:
         try:
             with open(args.calib, encoding="utf-8") as f:

@@ -27,7 +27,7 @@ from edgert.placement import FFN_NAMES, _role, plan_placement
 from edgert.settings import env
 from edgert.gguf_file import GGUFFile
 from edgert.kernels.activation import geglu, swiglu
-from edgert.kernels.matmul import ActBuffers, matmul, matmuls
+from edgert.kernels.matmul import _THREADS, ActBuffers, matmul, matmuls
 from edgert.kernels.norm import rmsnorm
 from edgert.kernels.quant import QMatrix, dequantize_row
 from edgert.kernels.rope import rope, theta_scale
@@ -148,6 +148,17 @@ def load_weights(g: GGUFFile, c: ModelConfig, ffn: int | None = None, gate: bool
     return tok_embd, output_norm, output, layers
 
 
+def load_norms(g: GGUFFile, c: ModelConfig) -> list:
+    """The layers' FFN norms alone (the exported blocks hold everything else): Layer records with
+    no matrices."""
+    E = c.n_embd
+    return [Layer(attn_norm=None, wq=None, wk=None, wv=None, wo=None, bq=None, bk=None, bv=None, q_norm=None,
+                  k_norm=None, post_attn_norm=None, ffn_norm=g.load_vector(f"blk.{il}.ffn_norm.weight", E),
+                  w_gate=None, w_up=None, w_down=None,
+                  post_ffn_norm=g.load_vector(f"blk.{il}.post_ffw_norm.weight", E) if c.post_norms else None)
+            for il in range(c.n_layer)]
+
+
 class Model:
     """A loaded model with its KV cache. Positions are absolute; `n_past` tokens are cached."""
 
@@ -156,7 +167,7 @@ class Model:
                  before_weights=None, ffn: str = "auto", sparsity: float | None = None,
                  selector: str = "auto", hot_fraction: float = 0.5, verify: bool = True,
                  measure_recall: bool = False, cache_slots: int | None = None, cached_candidates: bool = True,
-                 kv: KVFormat | None = None, prefetch: bool = True):
+                 kv: KVFormat | None = None, prefetch: bool = True, backend: str = "numba"):
         """Load `path` (a GGUF file or an edgert package). Matrices are read through a FlashReader
         (O_DIRECT with direct_io, else buffered; `throttle` a FlashCurve imposing a device's
         flash); `tracer` records the load's reads and, attached, every op; expand_q5 holds Q5_0
@@ -169,8 +180,14 @@ class Model:
         cache_slots: neuron-cache clusters (MoE: cached experts) per layer (default: what the budget leaves);
         cached_candidates: with the predictor, every neuron of a cached cluster is a candidate;
         kv: the KV cache's format (edgert/kv_cache.py; default f16); prefetch: a mixture-of-experts
-        model's expert cache prefetches the next layer's predicted experts."""
+        model's expert cache prefetches the next layer's predicted experts; backend: what runs the
+        embedding, attention blocks and LM head (edgert/backends.py: numba, or onnx with `path` an
+        export directory or the GGUF file it came from)."""
         t0 = time.perf_counter()
+        self.backend, self.blocks = backend, None
+        self.export_dir = None
+        if backend != "numba":
+            path = self._open_export(path, backend, kv, ffn)
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
         g.reader = FlashReader(self.path, direct=direct_io, io_threads=2, throttle=throttle, tracer=tracer)
@@ -193,7 +210,8 @@ class Model:
             before_weights(g)
             residency.trim_heap()
         limit = budget.limit if budget is not None else 1 << 62
-        self.placement = pl = plan_placement(g, c, self.n_ctx, self.n_batch, limit, rss(), ffn, self.pkg,
+        self.placement = pl = plan_placement(g, c, self.n_ctx, self.n_batch, limit, rss(),
+                                             "dense" if self.export_dir and not c.moe else ffn, self.pkg,
                                              selector, sparsity, budget.source if budget is not None else "",
                                              gate_resident=measure_recall, kv_fmt=self.kv_fmt)
         self.n_batch = pl.n_batch
@@ -211,29 +229,40 @@ class Model:
         self.stats = StoreStats()
         t_read = time.perf_counter()
         try:
-            self.tok_embd, self.output_norm, self.output, self.layers = load_weights(
-                g, c, ffn=c.n_layer if pl.ffn == "dense" else pl.dense_layers,
-                gate=pl.ffn == "sparse" and (pl.selector == "gate" or measure_recall),
-                embd=pl.embd == "resident", output=pl.output == "resident", reader=self.reader, stats=self.stats)
+            if self.export_dir is None:
+                self.tok_embd, self.output_norm, self.output, self.layers = load_weights(
+                    g, c, ffn=c.n_layer if pl.ffn == "dense" else pl.dense_layers,
+                    gate=pl.ffn == "sparse" and (pl.selector == "gate" or measure_recall),
+                    embd=pl.embd == "resident", output=pl.output == "resident", reader=self.reader, stats=self.stats)
+            else:  # the blocks' weights live in the graphs: only the norms edgert applies itself
+                self.tok_embd = self.output = self.output_norm = None
+                self.layers = load_norms(g, c)
         finally:
             g.reader.close()
         self.load_io = {"mode": g.reader.mode, "wall_s": time.perf_counter() - t_read, **g.reader.stats.as_dict()}
         if tracer is not None:
             tracer.span("load weights", "load", t_read, time.perf_counter(), g.reader.stats.bytes)
-        self.weight_bytes = sum(w.nbytes for w in self._matrices())
+        if self.export_dir is not None:  # the sessions' memory as measured (ONNX Runtime repacks weights)
+            from edgert.backends import OnnxBlocks
+            r0 = rss()
+            self.blocks = OnnxBlocks(self.export_dir, self.manifest, c, self.n_ctx, _THREADS[0])
+            self.weight_bytes = max(0, rss() - r0)
+            self.blocks.alloc_kv()
+        else:
+            self.weight_bytes = sum(w.nbytes for w in self._matrices())
         vec_bytes = sum(t.nbytes for n, t in g.tensors.items() if len(t.shape) == 1 and _role(n) != "package")
         self._charge("weights", self.weight_bytes + vec_bytes)
         if isinstance(self.output, FlashMatrix):
             self._charge("lm head staging", self.output.nbytes)
         if budget is not None:
             budget.release("load staging")
-        self._charge("kv cache", kv_bytes(c, self.n_ctx, self.kv_fmt))
+        self._charge("kv cache", self.blocks.kv.nbytes if self.blocks else kv_bytes(c, self.n_ctx, self.kv_fmt))
         self._charge("scratch", scratch_bytes(c, self.n_batch))
         # KV cache and scratch in small pages: NumPy asks for transparent huge pages on large
         # arrays, and a decode step touching a few positions of each layer's cache would then make
         # 2 MiB per touch resident (measured: +86 MiB for SmolLM2 at -c 4096 on the first token)
         with _small_pages():
-            self.kv = KVCache(c.n_layer, c.n_head_kv, c.head_dim, self.n_ctx, self.kv_fmt)
+            self.kv = self.blocks.kv if self.blocks else KVCache(c.n_layer, c.n_head_kv, c.head_dim, self.n_ctx, self.kv_fmt)
             log.info("%s", self.kv.describe())
             self.n_past = 0
             B, E, F = self.n_batch, c.n_embd, c.n_ff
@@ -283,6 +312,23 @@ class Model:
         self.ops = SimpleNamespace(**{k: tracer.wrap(f, k, "op") for k, f in vars(self.ops).items()})
         self._attention_block = tracer.wrap_block(self._attention_block, "attention")
         self._ffn_block = tracer.wrap_block(self._ffn_block, "ffn")
+
+    def _open_export(self, path, backend, kv, ffn) -> str:
+        """-> the source GGUF of the export `path` is (or of the one written for it); sets
+        self.export_dir and self.manifest. Options the exported blocks cannot honour are refused."""
+        from edgert.backends import BACKENDS, export_dir_for
+        from edgert.converters.onnx_export import read_manifest
+        if backend not in BACKENDS:
+            raise EdgertError(f"--backend {backend}: one of {', '.join(BACKENDS)}")
+        if kv is not None and (kv.type_k, kv.type_v) != ("f16", "f16"):
+            raise EdgertError(f"--backend {backend}: the exported attention keeps its KV cache in ONNX Runtime's "
+                              f"float32 layout; -ctk / -ctv {kv.type_k} / {kv.type_v} need --backend numba")
+        if ffn not in ("auto", "dense", None):
+            raise EdgertError(f"--backend {backend} runs the exported dense FFN graphs (or a mixture of experts' "
+                              f"expert store); --ffn {ffn} needs --backend numba")
+        self.export_dir = export_dir_for(str(path), backend)
+        self.manifest = read_manifest(self.export_dir)
+        return self.manifest["source"]
 
     def _charge(self, name, nbytes):
         if self.budget is not None:
@@ -387,9 +433,12 @@ class Model:
         pos0 = self.n_past
         vw = self._views(T)
         x = vw.x
-        self.ops.embed(self.tok_embd, tokens, x)
-        if c.embed_scale != 1.0:
-            x *= np.float32(c.embed_scale)  # float32(sqrt(640)) == sqrtf(640), as ggml
+        if self.blocks is not None:
+            self.blocks.embed(tokens, x)
+        else:
+            self.ops.embed(self.tok_embd, tokens, x)
+            if c.embed_scale != 1.0:
+                x *= np.float32(c.embed_scale)  # float32(sqrt(640)) == sqrtf(640), as ggml
         for il, L in enumerate(self.layers):
             self._attention_block(il, L, vw, pos0)
             self._ffn_block(il, L, vw)
@@ -398,6 +447,10 @@ class Model:
         return x
 
     def _attention_block(self, il, L: Layer, vw, pos0):
+        if self.blocks is not None:
+            self.blocks.attention(il, vw.x, vw.o, pos0)
+            vw.x += vw.o
+            return
         c, ops = self.cfg, self.ops
         x, xn, q, att, o, q3, k3 = vw.x, vw.xn, vw.q, vw.att, vw.o, vw.q3, vw.k3
         ops.attn_norm(x, L.attn_norm, c.rms_eps, xn)
@@ -434,9 +487,12 @@ class Model:
     def _logits(self, x) -> np.ndarray:
         c = self.cfg
         T = x.shape[0]
+        out = np.empty((T, c.n_vocab), np.float32)  # [T, n_vocab]
+        if self.blocks is not None:
+            self.blocks.logits(x, out)
+            return out
         xn = self.xn[:T]
         self.ops.out_norm(x, self.output_norm, c.rms_eps, xn)
-        out = np.empty((T, c.n_vocab), np.float32)  # [T, n_vocab]
         if isinstance(self.output, FlashMatrix):
             self.output.matmul(xn, out, self.act_e)
         else:
@@ -451,6 +507,8 @@ def build_ffn(m: Model, g: GGUFFile, pl, hot_fraction: float, measure_recall: bo
     scratch = FFNScratch(m)
     if c.moe:
         return build_experts(m, g, pl, scratch)
+    if m.blocks is not None:  # the exported FFN graphs (dense; checked by _open_export)
+        return m.blocks.ffn
     if pl.ffn == "dense":
         return [DenseFFN(L.w_gate, L.w_up, L.w_down, scratch) for L in m.layers]
     tensors = [tuple(g.tensors[f"blk.{il}.{k}"] for k in FFN_NAMES) for il in range(c.n_layer)]

@@ -18,6 +18,7 @@ KNOBS = {
     "EDGERT_SIMD": ("1", "0: the same as EDGERT_ISA=portable (the older switch)"),
     "EDGERT_RELEASE_JIT": ("1", "0: keep the JIT compiler's pages resident after the kernels are loaded (edgert/residency.py)"),
     "EDGERT_FFN": ("auto", "default for --ffn: auto, dense, stream or sparse (edgert/placement.py)"),
+    "EDGERT_BACKEND": ("numba", "default for --backend: numba or onnx (edgert/backends.py)"),
     "EDGERT_CACHE_TYPE_K": ("f16", "default for -ctk/--cache-type-k (edgert/kv_cache.py)"),
     "EDGERT_CACHE_TYPE_V": ("f16", "default for -ctv/--cache-type-v"),
     "EDGERT_SPARSITY": ("", "default for --sparsity (sparse decode of packages)"),
