@@ -42,6 +42,8 @@ def build_parser():
     p.add_argument("--prefetch", default="on", help="expert prefetch (mixture of experts), comma-separated: on, off")
     p.add_argument("--sparsity", default=None, help="sparse FFN sparsities, comma-separated (package levels)")
     p.add_argument("--selector", default="predictor", help="sparse FFN selectors, comma-separated (predictor, gate)")
+    p.add_argument("--backend", default="numba", help="edgert backends of the dense blocks, comma-separated "
+                   "(numba, onnx: the graphs of `edgert convert --to onnx`, exported once into EDGERT_CACHE/exports)")
     p.add_argument("--isa", default="auto", help="edgert kernel instruction sets to run, comma-separated "
                    "(auto, avx512vnni, avx2, portable: kernels/isa.py); each row names the one it ran")
     p.add_argument("--mode", default="exact", help="edgert kernel modes, comma-separated (exact, fast)")
@@ -170,9 +172,22 @@ def main(argv) -> int:
             chosen = isa_mod.resolve(name, mode)  # checked here: a bad name fails before any worker starts
             kernel_choices.append((("isa", chosen.name), ("mode", mode)))
 
+    backends_of_blocks = [x.strip() for x in args.backend.split(",") if x.strip()]
+    from edgert.backends import BACKENDS
+    for b in backends_of_blocks:
+        if b not in BACKENDS:
+            raise EdgertError(f"--backend {b}: one of {', '.join(BACKENDS)}")
+    for b in backends_of_blocks:  # exported here once, before any worker (each would export its own)
+        if b != "numba":
+            from edgert.backends import export_dir_for
+            for p in paths:
+                export_dir_for(p, b)
+
     def variants(path):
         vs = []
-        for kc in kernel_choices:
+        for kc in kernel_choices + [(("backend", b),) for b in backends_of_blocks if b != "numba"]:
+            if "numba" not in backends_of_blocks and not dict(kc).get("backend"):
+                continue
             for f in ffns:
                 for sp in (sps if f == "sparse" else [None]):
                     for sel in (sels if f == "sparse" else [None]):

@@ -113,7 +113,9 @@ class GraphKV:
     past the attended length are masked by the graph, so rewinding is only moving n_past."""
 
     def __init__(self, n_layer: int, n_kv: int, D: int, n_ctx: int):
-        self.n_layer, self.n_ctx = n_layer, n_ctx
+        from edgert.kv_cache import KVFormat
+        self.n_layer, self.n_kv, self.D, self.n_ctx = n_layer, n_kv, D, n_ctx
+        self.fmt = KVFormat("f32", "f32")  # a label only: the kv_cache formats are the Numba kernels
         with _no_huge_pages():
             self.k = [np.zeros((1, n_kv, n_ctx, D), np.float32) for _ in range(n_layer)]
             self.v = [np.zeros((1, n_kv, n_ctx, D), np.float32) for _ in range(n_layer)]

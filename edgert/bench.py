@@ -86,7 +86,7 @@ class EdgertRunner:
         self.m = Model(path, n_ctx=n_ctx, n_batch=512, budget=budget, ffn=opts.get("ffn", "auto"),
                        sparsity=opts.get("sparsity"), selector=opts.get("selector") or "auto",
                        before_weights=lambda g: setattr(self, "tok", Tokenizer(g.metadata, path)), kv=opts.get("kv"),
-                       prefetch=opts.get("prefetch", True))
+                       prefetch=opts.get("prefetch", True), backend=opts.get("backend", "numba"))
         self.n_vocab = self.m.cfg.n_vocab
 
     def reset(self):
@@ -270,6 +270,8 @@ class Variant:
     def label(self) -> str:
         o = dict(self.opts)
         extra = [f"{k}={v}" for k, v in o.items() if k in ("ffn", "sparsity", "selector") and v not in (None, "auto")]
+        if o.get("backend", "numba") != "numba":  # the exported blocks through another runtime
+            return f"{self.backend} ({o['backend']}" + "".join(f", {e}" for e in extra) + ")"
         if "isa" in o:  # the kernels it ran
             extra = [f"{o['isa']}/{o['mode']}"] + extra
         return self.backend + (f" ({', '.join(extra)})" if extra else "")
