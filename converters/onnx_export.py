@@ -257,6 +257,9 @@ def export(src: str, out_dir: str, acts: str = "mixed", progress=None) -> dict:
                 and os.listdir(out_dir):
             raise EdgertError(f"{out_dir}: exists and is not an edgert export (no manifest.json): not replaced")
         tmp = tempfile.mkdtemp(prefix=".edgert-export-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private
         try:
             layers = []
             jobs = [("embed.onnx", lambda: embed_graph(g, c))]
