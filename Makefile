@@ -14,7 +14,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64
 export NUMBA_CACHE_DIR ?= $(CACHE)/numba
 PROMPT ?= The three most useful things to know about running language models on a phone are
 
-.PHONY: setup runtime run test test-nojit fuzz warmup models moe random-moe bench deploy-check clean
+.PHONY: setup runtime litert run test test-nojit fuzz warmup models moe random-moe bench deploy-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,16 @@ $(SAMPLES)/.done-1: | $(BIN)/python
 	cd $(SAMPLES) && for w in *.whl; do $(abspath $(BIN))/python -m zipfile -e $$w .; done
 	@touch $@
 
+# litert-torch (convert --to tflite) in its own environment: it brings SciPy, which Numba imports
+# whenever it is installed (a larger fixed cost for every edgert process); edgert itself comes
+# from the main venv (converters/tflite_export.py)
+LITERT := $(CACHE)/litert-venv
+litert: $(LITERT)/.done-1
+$(LITERT)/.done-1:
+	$(PY) -m venv $(LITERT)
+	$(LITERT)/bin/pip install --quiet "litert-torch==0.10.0" "torch==2.13.0" "gguf>=0.10"
+	@touch $@
+
 warmup: setup
 	$(BIN)/edgert warmup
 
@@ -81,7 +91,7 @@ run: runtime
 	$(BIN)/edgert warmup -m smollm2-135m
 	$(BIN)/edgert run -m smollm2-135m -p "$(PROMPT)" -n 64 --temp 0
 
-test: setup models $(FIXTURES)/.done-2 $(SAMPLES)/.done-1
+test: setup models litert $(FIXTURES)/.done-2 $(SAMPLES)/.done-1
 	EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q tests
 
 # the kernel tests with the JIT off (STYLE.md): the portable kernels as plain Python, checked

@@ -85,10 +85,10 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, runtime: bool =
                    help="how sparse decode picks neurons: the exact gate (gate matrices resident), the "
                         "low-rank predictor (no FFN weight read first), or auto: the gate when it fits "
                         "[env EDGERT_SELECTOR]")
-    p.add_argument("--backend", default=env("EDGERT_BACKEND") or "numba", choices=("numba", "onnx"),
+    p.add_argument("--backend", default=env("EDGERT_BACKEND") or "numba", choices=("numba", "onnx", "tflite"),
                    help="what runs the embedding, attention blocks and LM head: edgert's kernels, or ONNX "
-                        "Runtime on the graphs of `edgert convert --to onnx` (-m that directory, or the model: "
-                        "exported once into EDGERT_CACHE/exports) [env EDGERT_BACKEND]")
+                        "Runtime / LiteRT on the graphs of `edgert convert --to onnx|tflite` (-m that directory, "
+                        "or the model: exported once into EDGERT_CACHE/exports) [env EDGERT_BACKEND]")
     p.add_argument("--hot-fraction", type=ranged(float, 0, 1), default=0.5,
                    help="share of the neuron cache pinned to the hottest clusters (the rest is LRU)")
     add_kv_args(p)

@@ -13,9 +13,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="source .gguf file or pulled model name")
     p.add_argument("-o", "--output", required=True,
                    help="package to write (*.edgert.gguf), or with --to onnx the directory to write")
-    p.add_argument("--to", default="package", choices=("package", "onnx"),
+    p.add_argument("--to", default="package", choices=("package", "onnx", "tflite"),
                    help="package: an edgert package (neuron cache); onnx: the dense blocks as ONNX graphs "
-                        "with their quantised weights (MatMulNBits, GroupQueryAttention) and a manifest")
+                        "with their quantised weights (MatMulNBits, GroupQueryAttention) and a manifest; "
+                        "tflite: the same blocks through litert-torch (int8 dynamic quantisation; `make litert`)")
+    p.add_argument("--ctx-size", type=int, default=1024,
+                   help="--to tflite: the context the graphs are built for (TFLite shapes are static)")
+    p.add_argument("--prefill-batch", type=int, default=32, help="--to tflite: tokens per prefill call")
+    p.add_argument("--no-quantize", action="store_true", help="--to tflite: keep float32 weights")
     p.add_argument("--activations", default="mixed", choices=("mixed", "f32", "int8"),
                    help="--to onnx: the activations of the graphs' matrix products: f32, int8 (ONNX Runtime "
                         "quantises them per block: fastest), or mixed: f32 for 4-bit weights, int8 for 8-bit "
@@ -77,6 +82,13 @@ def main(argv) -> int:
     src = model_path(args.model)
     if args.to == "onnx":
         return export_onnx(src, args)
+    if args.to == "tflite":
+        from edgert.converters.tflite_export import export
+        m = export(src, args.output, n_ctx=args.ctx_size, prefill_batch=args.prefill_batch, quantize=not args.no_quantize)
+        size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
+        err(f"convert: wrote {args.output} ({size / 2**20:.1f} MiB): embedding, {m['n_layer']} attention blocks, "
+            f"{m['n_layer']} FFN graphs, LM head; {m['quantization']}; context {m['n_ctx']}, prefill {m['prefill_batch']}")
+        return 0
     if args.calib:
         try:
             with open(args.calib, encoding="utf-8") as f:

@@ -313,26 +313,30 @@ def _replace_dir(tmp: str, out_dir: str):
 
 
 def read_manifest(path: str) -> dict:
-    """An export directory's manifest, checked (a clear error naming the file otherwise)."""
+    """An export directory's manifest (ONNX or TFLite), checked: a clear error naming the file otherwise."""
+    from edgert.converters import tflite_export
+    versions = {FORMAT: VERSION, tflite_export.FORMAT: tflite_export.VERSION}
     mf = os.path.join(path, "manifest.json")
     try:
         with open(mf) as f:
             m = json.load(f)
     except FileNotFoundError:
         raise EdgertError(f"{path}: not an edgert export (no manifest.json; write one with "
-                          f"`edgert convert MODEL --to onnx -o {path}`)") from None
+                          f"`edgert convert MODEL --to onnx|tflite -o {path}`)") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise EdgertError(f"{mf}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise EdgertError(f"{mf}: not an edgert ONNX export manifest")
-    if m.get("version") != VERSION:
-        raise EdgertError(f"{mf}: export format version {m.get('version')!r}, this edgert reads {VERSION}: "
-                          f"convert again")
+    if not isinstance(m, dict) or m.get("format") not in versions:
+        raise EdgertError(f"{mf}: not an edgert export manifest")
+    if m.get("version") != versions[m["format"]]:
+        raise EdgertError(f"{mf}: export format version {m.get('version')!r}, this edgert reads "
+                          f"{versions[m['format']]}: convert again")
     try:
         files = [m["embed"], m["head"]] + [f for L in m["layers"] for f in (L["attention"], L["ffn"]) if f]
         src = m["source"]
-    except (KeyError, TypeError) as e:
-        raise EdgertError(f"{mf}: manifest lacks {e}") from None
+        for L in m["layers"]:
+            float(L["rope_base"]), float(L["rope_freq_scale"]), int(L["window"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgertError(f"{mf}: manifest lacks or garbles {e}") from None
     for f in files:
         if not isinstance(f, str) or os.path.basename(f) != f or not os.path.isfile(os.path.join(path, f)):
             raise EdgertError(f"{mf}: block file {f!r} is missing from {path}")
@@ -341,4 +345,8 @@ def read_manifest(path: str) -> dict:
                           f"tokenizer, config, norms)")
     if os.path.getsize(src) != m.get("source_size"):
         raise EdgertError(f"{mf}: its source {src} changed since the export (size differs): convert again")
+    if m["format"] == tflite_export.FORMAT:
+        for k in ("n_ctx", "prefill_batch"):
+            if not isinstance(m.get(k), int) or m[k] < 1:
+                raise EdgertError(f"{mf}: {k} {m.get(k)!r} is not a positive integer")
     return m

@@ -23,7 +23,8 @@ from edgert.errors import EdgertError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("numba", "onnx")
+BACKENDS = ("numba", "onnx", "tflite")
+FORMATS = {"onnx": "edgert-onnx", "tflite": "edgert-tflite"}
 _POOL = []  # the process's ONNX Runtime thread pool size, once set
 
 
@@ -78,14 +79,18 @@ def export_dir_for(path: str, backend: str) -> str:
     if os.path.isdir(out):
         try:
             m = read_manifest(out)
-            if os.path.realpath(m["source"]) == os.path.realpath(path) and m.get("activations") == "mixed":
+            if os.path.realpath(m["source"]) == os.path.realpath(path) and m.get("activations", "mixed") == "mixed":
                 return out
         except EdgertError as e:
             log.warning("%s: exporting again (%s)", out, e)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     log.warning("%s: no %s export yet; writing %s (once)", path, backend, out)
-    from edgert.converters.onnx_export import export
-    export(path, out)
+    if backend == "tflite":
+        from edgert.converters.tflite_export import export as export_tflite
+        export_tflite(path, out)
+    else:
+        from edgert.converters.onnx_export import export
+        export(path, out)
     return out
 
 
@@ -205,3 +210,140 @@ class OnnxBlocks:
 def _no_huge_pages():
     from edgert.model import _small_pages
     return _small_pages()
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite (ai-edge-litert): graphs of static shape, `decode` (1 token) and `prefill` signatures
+# ---------------------------------------------------------------------------------------------
+
+class TFLiteKV(GraphKV):
+    """Per layer K and V [1, n_ctx, n_head_kv, head_dim] float32: passed to the attention graph
+    whole, the new positions' rows stored here from its outputs."""
+
+    def __init__(self, n_layer: int, n_kv: int, D: int, n_ctx: int):
+        from edgert.kv_cache import KVFormat
+        self.n_layer, self.n_kv, self.D, self.n_ctx = n_layer, n_kv, D, n_ctx
+        self.fmt = KVFormat("f32", "f32")
+        with _no_huge_pages():
+            self.k = [np.zeros((1, n_ctx, n_kv, D), np.float32) for _ in range(n_layer)]
+            self.v = [np.zeros((1, n_ctx, n_kv, D), np.float32) for _ in range(n_layer)]
+
+    def describe(self) -> str:
+        return f"KV cache f32 (TFLite graphs' input layout), {self.nbytes / 2**20:.1f} MiB"
+
+
+def _chunks(T: int, pb: int):
+    """(start, end, signature, width) covering T tokens: whole prefill batches, single tokens alone."""
+    s = 0
+    while s < T:
+        n = min(pb, T - s)
+        yield (s, s + n, "decode", 1) if n == 1 else (s, s + n, "prefill", pb)
+        s += n
+
+
+class TFLiteFFN:
+    """A layer's exported FFN graph (LiteRT) as a store: xn [T, n_embd] -> out [T, n_embd]."""
+
+    def __init__(self, runners, pb):
+        self.r, self.pb = runners, pb
+
+    def __call__(self, xn, out):
+        for s, e, sig, w in _chunks(xn.shape[0], self.pb):
+            buf = np.zeros((1, w, xn.shape[1]), np.float32)
+            buf[0, :e - s] = xn[s:e]
+            out[s:e] = self.r[sig](xn=buf)["output_0"][0, :e - s]
+
+
+class TFLiteBlocks:
+    """The blocks of a `convert --to tflite` export through ai-edge-litert's signature runners."""
+    name = "tflite"
+
+    def __init__(self, export_dir: str, manifest: dict, cfg, n_ctx: int, threads: int):
+        from edgert.run_model import litert_interpreter
+        Interpreter, _ = litert_interpreter()
+        self.c, self.m = cfg, manifest
+        self.N, self.pb = manifest["n_ctx"], manifest["prefill_batch"]
+        if n_ctx > self.N:
+            raise EdgertError(f"{export_dir}: exported for a context of {self.N} positions (TFLite shapes are "
+                              f"static); -c {n_ctx} needs `edgert convert --to tflite --ctx-size {n_ctx}`")
+        self.n_ctx = n_ctx
+        self._keep = []
+
+        def runners(f):
+            path = os.path.join(export_dir, f)
+            try:
+                it = Interpreter(model_path=path, num_threads=threads)
+                r = {s: it.get_signature_runner(s) for s in ("decode", "prefill")}
+            except (ValueError, RuntimeError) as e:
+                raise EdgertError(f"{path}: LiteRT cannot load it ({str(e).splitlines()[0][:300]})") from None
+            self._keep.append(it)
+            return r
+        self.embed_r = runners(manifest["embed"])
+        self.attn = [runners(L["attention"]) for L in manifest["layers"]]
+        self.ffn = [TFLiteFFN(runners(L["ffn"]), self.pb) for L in manifest["layers"]]
+        self.head_r = runners(manifest["head"])
+        self.window = [int(L["window"]) for L in manifest["layers"]]
+        from edgert.converters.onnx_export import rope_tables
+        tables = {}
+        self.rope = []
+        for il, L in enumerate(manifest["layers"]):
+            key = (L["rope_base"], L["rope_freq_scale"])
+            if key not in tables:
+                tables[key] = rope_tables(cfg, il, self.N + self.pb)
+            self.rope.append(tables[key])
+        self.kv = None
+        self._masks = {}
+
+    def alloc_kv(self):
+        c = self.c
+        self.kv = TFLiteKV(c.n_layer, c.n_head_kv, c.head_dim, self.N)
+        return self.kv
+
+    def embed(self, tokens, x):
+        tokens = np.asarray(tokens)
+        for s, e, sig, w in _chunks(len(tokens), self.pb):
+            ids = np.zeros(w, np.int32)
+            ids[:e - s] = tokens[s:e]
+            x[s:e] = self.embed_r[sig](ids=ids)["output_0"][:e - s]
+
+    def mask(self, p0: int, n: int, w: int, window: int) -> np.ndarray:
+        """[1, 1, w, N + w] additive: query t (position p0 + t) sees cached positions < p0 and the
+        new ones <= t, within the sliding window; padded queries see the new ones (discarded)."""
+        key = (p0, n, w, window)
+        if key in self._masks:  # the same for every layer of a step
+            return self._masks[key]
+        if len(self._masks) > 8:
+            self._masks.clear()
+        N = self.N
+        m = self._masks[key] = np.full((1, 1, w, N + w), -np.inf, np.float32)
+        for t in range(w):
+            if t >= n:
+                m[0, 0, t, N:] = 0.0
+                continue
+            p = p0 + t
+            lo = 0 if window <= 0 else max(0, p - window + 1)
+            m[0, 0, t, lo:p0] = 0.0
+            m[0, 0, t, N + max(0, lo - p0):N + t + 1] = 0.0
+        return m
+
+    def attention(self, il: int, x, o, pos0: int):
+        T, E = x.shape
+        if pos0 + T > self.n_ctx:
+            raise EdgertError(f"KV cache: positions up to {pos0 + T} do not fit its {self.n_ctx}")
+        cos, sin = self.rope[il]
+        K, V = self.kv.k[il], self.kv.v[il]
+        for s, e, sig, w in _chunks(T, self.pb):
+            n, p0 = e - s, pos0 + s
+            xb = np.zeros((1, w, E), np.float32)
+            xb[0, :n] = x[s:e]
+            out = self.attn[il][sig](x=xb, kc=K, vc=V, cos=np.ascontiguousarray(cos[p0:p0 + w]),
+                                     sin=np.ascontiguousarray(sin[p0:p0 + w]), mask=self.mask(p0, n, w, self.window[il]))
+            o[s:e] = out["output_0"][0, :n]
+            K[0, p0:p0 + n] = out["output_1"][0, :n]
+            V[0, p0:p0 + n] = out["output_2"][0, :n]
+
+    def logits(self, x, out):
+        for s, e, sig, w in _chunks(x.shape[0], self.pb):
+            xb = np.zeros((1, w, x.shape[1]), np.float32)
+            xb[0, :e - s] = x[s:e]
+            out[s:e] = self.head_r[sig](x=xb)["output_0"][0, :e - s]

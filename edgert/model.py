@@ -188,6 +188,8 @@ class Model:
         self.export_dir = None
         if backend != "numba":
             path = self._open_export(path, backend, kv, ffn)
+            if backend == "tflite" and n_ctx <= 0:  # static shapes: the export's context
+                n_ctx = self.manifest["n_ctx"]
         self.path = str(path)
         g, meta_bytes = measured(lambda: GGUFFile(self.path))  # metadata incl. vocabulary arrays
         g.reader = FlashReader(self.path, direct=direct_io, io_threads=2, throttle=throttle, tracer=tracer)
@@ -243,9 +245,10 @@ class Model:
         if tracer is not None:
             tracer.span("load weights", "load", t_read, time.perf_counter(), g.reader.stats.bytes)
         if self.export_dir is not None:  # the sessions' memory as measured (ONNX Runtime repacks weights)
-            from edgert.backends import OnnxBlocks
+            from edgert.backends import OnnxBlocks, TFLiteBlocks
             r0 = rss()
-            self.blocks = OnnxBlocks(self.export_dir, self.manifest, c, self.n_ctx, _THREADS[0])
+            make = TFLiteBlocks if self.backend == "tflite" else OnnxBlocks
+            self.blocks = make(self.export_dir, self.manifest, c, self.n_ctx, _THREADS[0])
             self.weight_bytes = max(0, rss() - r0)
             self.blocks.alloc_kv()
         else:
@@ -328,6 +331,9 @@ class Model:
                               f"expert store); --ffn {ffn} needs --backend numba")
         self.export_dir = export_dir_for(str(path), backend)
         self.manifest = read_manifest(self.export_dir)
+        from edgert.backends import FORMATS
+        if self.manifest["format"] != FORMATS[backend]:
+            raise EdgertError(f"{self.export_dir}: a {self.manifest['format']} export, not one for --backend {backend}")
         return self.manifest["source"]
 
     def _charge(self, name, nbytes):

@@ -174,8 +174,11 @@ def test_bad_exports_are_refused_naming_the_problem(exports, tmp_path):
         (lambda: json.dump({**m, "version": 99}, open(mf, "w")), "format version 99"),
         (lambda: json.dump({**m, "source": "/nonexistent.gguf"}, open(mf, "w")), "source model"),
         (lambda: json.dump({**m, "source_size": 1}, open(mf, "w")), "changed since the export"),
-        (lambda: json.dump({**m, "layers": [{"attention": "../../etc/passwd", "ffn": None}]}, open(mf, "w")),
+        (lambda: json.dump({**m, "layers": [{**m["layers"][0], "attention": "../../etc/passwd"}]}, open(mf, "w")),
          "is missing"),
+        (lambda: json.dump({**m, "layers": [{**m["layers"][0], "rope_base": "x"}]}, open(mf, "w")), "garbles"),
+        (lambda: json.dump({**m, "layers": [{"attention": "attn.0.onnx"}]}, open(mf, "w")), "lacks"),
+        (lambda: json.dump([1, 2], open(mf, "w")), "not an edgert export manifest"),
         (lambda: open(mf, "w").write("{not json"), "unreadable manifest"),
         (lambda: os.remove(mf), "no manifest.json"),
     ]
