@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, default=1024,
                    help="--to tflite: the context the graphs are built for (TFLite shapes are static)")
     p.add_argument("--prefill-batch", type=int, default=32, help="--to tflite: tokens per prefill call")
-    p.add_argument("--no-quantize", action="store_true", help="--to tflite: keep float32 weights")
+    p.add_argument("--tflite-quant", default="int8", choices=("int8", "int8-weights", "int4", "fp16", "none"),
+                   help="--to tflite: litert-torch's quantisation of the matrices (int8: channel-wise weights and "
+                        "dynamic int8 activations; int8-weights: float activations; int4: blocks of 32)")
     p.add_argument("--activations", default="mixed", choices=("mixed", "f32", "int8"),
                    help="--to onnx: the activations of the graphs' matrix products: f32, int8 (ONNX Runtime "
                         "quantises them per block: fastest), or mixed: f32 for 4-bit weights, int8 for 8-bit "
@@ -84,7 +86,7 @@ def main(argv) -> int:
         return export_onnx(src, args)
     if args.to == "tflite":
         from edgert.converters.tflite_export import export
-        m = export(src, args.output, n_ctx=args.ctx_size, prefill_batch=args.prefill_batch, quantize=not args.no_quantize)
+        m = export(src, args.output, n_ctx=args.ctx_size, prefill_batch=args.prefill_batch, quant=args.tflite_quant)
         size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
         err(f"convert: wrote {args.output} ({size / 2**20:.1f} MiB): embedding, {m['n_layer']} attention blocks, "
             f"{m['n_layer']} FFN graphs, LM head; {m['quantization']}; context {m['n_ctx']}, prefill {m['prefill_batch']}")

@@ -325,13 +325,16 @@ def read_manifest(path: str) -> dict:
                           f"`edgert convert MODEL --to onnx|tflite -o {path}`)") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise EdgertError(f"{mf}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") not in versions:
+    if not isinstance(m, dict) or not isinstance(m.get("format"), str) or m["format"] not in versions:
         raise EdgertError(f"{mf}: not an edgert export manifest")
     if m.get("version") != versions[m["format"]]:
         raise EdgertError(f"{mf}: export format version {m.get('version')!r}, this edgert reads "
                           f"{versions[m['format']]}: convert again")
     try:
-        files = [m["embed"], m["head"]] + [f for L in m["layers"] for f in (L["attention"], L["ffn"]) if f]
+        if not isinstance(m["layers"], list) or not all(isinstance(L, dict) for L in m["layers"]):
+            raise TypeError("'layers'")
+        files = [m["embed"], m["head"]] + [L["attention"] for L in m["layers"]] + \
+            [L["ffn"] for L in m["layers"] if L["ffn"] is not None]
         src = m["source"]
         for L in m["layers"]:
             float(L["rope_base"]), float(L["rope_freq_scale"]), int(L["window"])
@@ -343,10 +346,22 @@ def read_manifest(path: str) -> dict:
     if not isinstance(src, str) or not os.path.isfile(src):
         raise EdgertError(f"{mf}: its source model {src!r} is not there (the export runs with it: "
                           f"tokenizer, config, norms)")
-    if os.path.getsize(src) != m.get("source_size"):
+    if not isinstance(m.get("source_size"), int) or os.path.getsize(src) != m["source_size"]:
         raise EdgertError(f"{mf}: its source {src} changed since the export (size differs): convert again")
     if m["format"] == tflite_export.FORMAT:
         for k in ("n_ctx", "prefill_batch"):
             if not isinstance(m.get(k), int) or m[k] < 1:
                 raise EdgertError(f"{mf}: {k} {m.get(k)!r} is not a positive integer")
     return m
+
+
+def check_against(m: dict, c: ModelConfig, path: str):
+    """The manifest describes the model its source is: one block per layer, an FFN graph in each
+    exactly when the model is dense."""
+    mf = os.path.join(path, "manifest.json")
+    if len(m["layers"]) != c.n_layer:
+        raise EdgertError(f"{mf}: {len(m['layers'])} layers, its source model has {c.n_layer}")
+    for il, L in enumerate(m["layers"]):
+        if (L["ffn"] is None) != c.moe:
+            raise EdgertError(f"{mf}: layer {il} " + ("has an FFN graph, but the model is a mixture of experts"
+                              if c.moe else "has no FFN graph"))

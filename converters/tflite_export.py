@@ -6,7 +6,7 @@ gguf-py), converted with litert-torch with two signatures, `decode` (1 token) an
 recipe (int8 channel-wise weights, activations quantised at run time): TFLite has no GGUF block
 types, so unlike the ONNX export this one re-quantises (its cost is measured, docs/backends.md).
 
-TFLite graphs have static shapes: the KV cache is the caller's, [1, n_ctx, n_head_kv, head_dim]
+TFLite graphs have static shapes: the KV cache is the caller's, [1, n_head_kv, n_ctx, head_dim]
 float32 per layer, fixed at export (`n_ctx`); an attention block reads all of it with the caller's
 additive mask [1, 1, T, n_ctx + T] (cached positions, then the T new ones) and returns the new
 positions' K and V for the caller to store. The same files as the ONNX export (manifest.json,
@@ -31,7 +31,7 @@ import numpy as np
 from edgert.errors import EdgertError
 
 FORMAT = "edgert-tflite"
-VERSION = 1
+VERSION = 2  # 2: KV cache [1, n_head_kv, n_ctx, head_dim]
 
 
 def _dequant(g, name):
@@ -101,10 +101,17 @@ def _modules(g, c):
             if c.qk_norm and not c.qk_norm_full:
                 q, k = rms(q, self.qn), rms(k, self.kn)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            K = torch.cat([kc, k], 1).repeat_interleave(H // Hkv, 2)   # [1, n_ctx + T, H, D]
-            V = torch.cat([vc, v], 1).repeat_interleave(H // Hkv, 2)
-            s = torch.einsum("bthd,bshd->bhts", q, K) * self.scale + mask
-            o = torch.einsum("bhts,bshd->bthd", torch.softmax(s, -1), V).reshape(1, T, H * D) @ self.wo.T
+            # grouped heads as batched matrix products over the [1, n_head_kv, n_ctx, head_dim]
+            # cache (no repeat of K / V, no einsum: both lowered to slow gathers / transposes)
+            G = H // Hkv
+            qg = q.view(1, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(1, Hkv, G * T, D)
+            kt, vt = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)            # [1, n_head_kv, T, D]
+            s = torch.cat([qg @ kc.transpose(-1, -2), qg @ kt.transpose(-1, -2)], -1) * self.scale
+            s = s.view(1, Hkv, G, T, -1) + mask.view(1, 1, 1, T, -1)
+            p = torch.softmax(s, -1).view(1, Hkv, G * T, -1)
+            N = kc.shape[2]
+            og = p[..., :N] @ vc + p[..., N:] @ vt                              # [1, n_head_kv, G * T, D]
+            o = og.view(1, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(1, T, H * D) @ self.wo.T
             if c.post_norms:
                 o = rms(o, self.pn)
             return o, k, v
@@ -121,12 +128,32 @@ def _modules(g, c):
             return (a * (xn @ self.wu.T)) @ self.wd.T
 
     class Embed(torch.nn.Module):
+        """Rows gathered as the GGUF holds them (converters/nbits.py: codes, block scales, mins),
+        dequantised after the gather: the table stays ~1 byte a value and exact."""
+
         def __init__(self):
             super().__init__()
-            self.w = lin("token_embd.weight")
+            from edgert.converters.nbits import BLOCK_VALUES, to_nbits
+            t = g.tensor("token_embd.weight")
+            self.q = None
+            if t.qtype in BLOCK_VALUES:
+                self.q = to_nbits(t.qtype, g.raw("token_embd.weight"), t.rows, t.cols, "token_embd.weight")
+                # int8 (code - 128): the lowering takes no unsigned constants
+                self.register_buffer("codes", torch.from_numpy((self.q.codes.astype(np.int16) - 128).astype(np.int8)))
+                self.register_buffer("scales", torch.from_numpy(self.q.scales))
+                if self.q.mins is not None:
+                    self.register_buffer("mins", torch.from_numpy(self.q.mins))
+            else:
+                self.w = lin("token_embd.weight")
 
         def forward(self, ids):
-            return self.w[ids] * float(c.embed_scale)
+            if self.q is None:
+                return self.w[ids] * float(c.embed_scale)
+            T, B = ids.shape[0], self.q.block
+            x = (self.codes[ids].to(torch.float32) - float(self.q.zp - 128)).view(T, -1, B) * self.scales[ids].view(T, -1, 1)
+            if self.q.mins is not None:
+                x = x + self.mins[ids].view(T, -1, 1)
+            return x.reshape(T, -1) * float(c.embed_scale)
 
     class Head(torch.nn.Module):
         def __init__(self):
@@ -140,20 +167,38 @@ def _modules(g, c):
     return Attention, FFN, Embed, Head
 
 
-def _convert(module, samples: dict, quantize: bool, path: str):
+# litert-torch's recipes (its supported_schemes): weights int8 per channel with int8 activations
+# at run time (default), int8 weights only (float activations), int4 in blocks of 32 (int8
+# activations), fp16 weights, or float32 as they are
+QUANT = {"int8": "int8 channel-wise weights, dynamic int8 activations",
+         "int8-weights": "int8 channel-wise weights, float32 activations",
+         "int4": "int4 weights in blocks of 32, dynamic int8 activations",
+         "fp16": "fp16 weights", "none": "float32 weights"}
+
+
+def _recipe(quant: str):
+    if quant == "none":
+        return None
+    from litert_torch.generative.quantize import quant_attrs as qa, quant_recipes as qr
+    if quant == "int8":
+        return qr.full_dynamic_recipe()
+    if quant == "int8-weights":
+        return qr.full_weight_only_recipe()
+    if quant == "int4":
+        return qr.full_dynamic_recipe(weight_dtype=qa.Dtype.INT4, granularity=qa.Granularity.BLOCKWISE_32)
+    return qr.full_fp16_recipe()
+
+
+def _convert(module, samples: dict, quant: str, path: str):
     """module with one signature per {name: kwargs} -> path (.tflite)."""
     import litert_torch
     conv = None
     for name, kw in samples.items():
         conv = (litert_torch.signature if conv is None else conv.signature)(name, module.eval(), sample_kwargs=kw)
-    qc = None
-    if quantize:
-        from litert_torch.generative.quantize import quant_recipes
-        qc = quant_recipes.full_dynamic_recipe()
-    conv.convert(quant_config=qc).export(path)
+    conv.convert(quant_config=_recipe(quant)).export(path)
 
 
-def export_here(src: str, out_dir: str, n_ctx: int, prefill_batch: int, quantize: bool, progress=None) -> dict:
+def export_here(src: str, out_dir: str, n_ctx: int, prefill_batch: int, quant: str, progress=None) -> dict:
     """The conversion itself (in an environment with litert-torch): into out_dir (a fresh directory)."""
     import torch
 
@@ -169,8 +214,8 @@ def export_here(src: str, out_dir: str, n_ctx: int, prefill_batch: int, quantize
     f32 = torch.float32
 
     def attn_kw(T):
-        return dict(x=torch.zeros(1, T, E, dtype=f32), kc=torch.zeros(1, n_ctx, Hkv, D, dtype=f32),
-                    vc=torch.zeros(1, n_ctx, Hkv, D, dtype=f32), cos=torch.zeros(T, R // 2, dtype=f32),
+        return dict(x=torch.zeros(1, T, E, dtype=f32), kc=torch.zeros(1, Hkv, n_ctx, D, dtype=f32),
+                    vc=torch.zeros(1, Hkv, n_ctx, D, dtype=f32), cos=torch.zeros(T, R // 2, dtype=f32),
                     sin=torch.zeros(T, R // 2, dtype=f32), mask=torch.zeros(1, 1, T, n_ctx + T, dtype=f32))
     sigs = {"decode": 1, "prefill": prefill_batch}
     jobs = [("embed.tflite", Embed, {k: dict(ids=torch.zeros(T, dtype=torch.int32)) for k, T in sigs.items()})]
@@ -184,16 +229,15 @@ def export_here(src: str, out_dir: str, n_ctx: int, prefill_batch: int, quantize
                        "rope_base": c.rope_base_for(il), "rope_freq_scale": c.rope_scale_for(il)})
     jobs.append(("head.tflite", Head, {k: dict(x=torch.zeros(1, T, E, dtype=f32)) for k, T in sigs.items()}))
     for i, (fname, make, samples) in enumerate(jobs):
-        _convert(make(), samples, quantize, os.path.join(out_dir, fname))
+        _convert(make(), samples, quant, os.path.join(out_dir, fname))
         if progress:
             progress(i + 1, len(jobs))
     manifest = {"format": FORMAT, "version": VERSION, "arch": c.arch, "name": c.name,
                 "source": os.path.abspath(src), "source_size": os.path.getsize(src), "source_sha256": sha256_file(src),
-                "quantization": "litert-torch full_dynamic_recipe (int8 channel-wise weights, dynamic int8 "
-                                "activations)" if quantize else "none (float32)",
+                "quantization": f"{quant}: {QUANT[quant]} (litert-torch); the embedding: the GGUF's own blocks",
                 "n_ctx": n_ctx, "prefill_batch": prefill_batch, "n_layer": c.n_layer,
                 "embed": "embed.tflite", "head": "head.tflite", "layers": layers,
-                "kv": {"layout": "[1, n_ctx, n_head_kv, head_dim]", "dtype": "float32",
+                "kv": {"layout": "[1, n_head_kv, n_ctx, head_dim]", "dtype": "float32",
                        "owner": "caller: passes the cache in, stores the returned new K / V"},
                 "signatures": sigs}
     g.close()
@@ -218,10 +262,12 @@ def converter_python() -> str:
     return py
 
 
-def export(src: str, out_dir: str, n_ctx: int = 1024, prefill_batch: int = 32, quantize: bool = True) -> dict:
+def export(src: str, out_dir: str, n_ctx: int = 1024, prefill_batch: int = 32, quant: str = "int8") -> dict:
     """Write src's blocks as TFLite graphs into out_dir (temp directory + rename; an earlier
     export there is replaced only once the new one is complete)."""
     from edgert.converters.onnx_export import _replace_dir
+    if quant not in QUANT:
+        raise EdgertError(f"--tflite-quant {quant}: one of {', '.join(QUANT)}")
     if n_ctx < 1 or prefill_batch < 1:
         raise EdgertError("--ctx-size and --prefill-batch must be at least 1")
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
@@ -238,7 +284,7 @@ def export(src: str, out_dir: str, n_ctx: int = 1024, prefill_batch: int = 32, q
         boot = ("import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
                 "runpy.run_module('edgert.converters.tflite_export', run_name='__main__')")
         r = subprocess.run([py, "-c", boot, sysconfig.get_paths()["purelib"], src, tmp, str(n_ctx), str(prefill_batch),
-                            "1" if quantize else "0"], capture_output=True, text=True)
+                            quant], capture_output=True, text=True)
         if r.returncode != 0:
             last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["(no message)"]
             raise EdgertError(f"{src}: the TFLite conversion failed: {last[0][:400]}")
@@ -255,7 +301,7 @@ def export(src: str, out_dir: str, n_ctx: int = 1024, prefill_batch: int = 32, q
 if __name__ == "__main__":  # the converter's own process (see export)
     a = sys.argv[1:]
     try:
-        export_here(a[0], a[1], int(a[2]), int(a[3]), a[4] == "1")
+        export_here(a[0], a[1], int(a[2]), int(a[3]), a[4])
     except EdgertError as e:
         print(f"edgert: {e}", file=sys.stderr)
         sys.exit(1)

@@ -217,7 +217,7 @@ def _no_huge_pages():
 # ---------------------------------------------------------------------------------------------
 
 class TFLiteKV(GraphKV):
-    """Per layer K and V [1, n_ctx, n_head_kv, head_dim] float32: passed to the attention graph
+    """Per layer K and V [1, n_head_kv, n_ctx, head_dim] float32: passed to the attention graph
     whole, the new positions' rows stored here from its outputs."""
 
     def __init__(self, n_layer: int, n_kv: int, D: int, n_ctx: int):
@@ -225,8 +225,8 @@ class TFLiteKV(GraphKV):
         self.n_layer, self.n_kv, self.D, self.n_ctx = n_layer, n_kv, D, n_ctx
         self.fmt = KVFormat("f32", "f32")
         with _no_huge_pages():
-            self.k = [np.zeros((1, n_ctx, n_kv, D), np.float32) for _ in range(n_layer)]
-            self.v = [np.zeros((1, n_ctx, n_kv, D), np.float32) for _ in range(n_layer)]
+            self.k = [np.zeros((1, n_kv, n_ctx, D), np.float32) for _ in range(n_layer)]
+            self.v = [np.zeros((1, n_kv, n_ctx, D), np.float32) for _ in range(n_layer)]
 
     def describe(self) -> str:
         return f"KV cache f32 (TFLite graphs' input layout), {self.nbytes / 2**20:.1f} MiB"
@@ -339,8 +339,8 @@ class TFLiteBlocks:
             out = self.attn[il][sig](x=xb, kc=K, vc=V, cos=np.ascontiguousarray(cos[p0:p0 + w]),
                                      sin=np.ascontiguousarray(sin[p0:p0 + w]), mask=self.mask(p0, n, w, self.window[il]))
             o[s:e] = out["output_0"][0, :n]
-            K[0, p0:p0 + n] = out["output_1"][0, :n]
-            V[0, p0:p0 + n] = out["output_2"][0, :n]
+            K[0, :, p0:p0 + n] = out["output_1"][0, :n].transpose(1, 0, 2)   # [T, n_kv, D] -> [n_kv, T, D]
+            V[0, :, p0:p0 + n] = out["output_2"][0, :n].transpose(1, 0, 2)
 
     def logits(self, x, out):
         for s, e, sig, w in _chunks(x.shape[0], self.pb):

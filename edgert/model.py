@@ -196,6 +196,9 @@ class Model:
         g.expand_q5 = env("EDGERT_EXPAND_Q5") == "1" if expand_q5 is None else expand_q5
         self.gguf = g
         self.cfg = c = config_from_gguf(g)
+        if self.export_dir is not None:
+            from edgert.converters.onnx_export import check_against
+            check_against(self.manifest, c, self.export_dir)
         self.pkg = open_package(g) if is_package(g) else None
         self.kv_fmt = kv or KVFormat()
         if residency.enabled():  # the kernels it needs first, then the compiler's pages out, then the weights

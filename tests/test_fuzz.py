@@ -4,9 +4,10 @@ fails with one EdgertError naming the problem -- never another exception, a hang
   targets: GGUF files (header, metadata, vocabulary arrays, tensor infos, truncation) through
            GGUFFile, the config, the tokenizer and Model loading; edgert packages (their recipe);
            device profiles (parsed TOML values and raw text); tokenizer input; CLI arguments;
+           ONNX exports (manifest values, block file bytes); run-model's .npy inputs;
            probe transcripts (tests/test_deploy.py).
   CI:      a fixed-seed smoke (derandomized, EDGERT_FUZZ_EXAMPLES per target, default 40).
-  make fuzz: EDGERT_FUZZ_EXAMPLES=2000 over the six targets here = 12,000 cases, plus the probe's.
+  make fuzz: EDGERT_FUZZ_EXAMPLES=2000 over the nine targets here = 18,000 cases, plus the probe's.
 Cases that once failed are pinned with @example (the regression corpus)."""
 from __future__ import annotations
 
@@ -268,3 +269,84 @@ def test_fuzz_found_block_count_not_the_files(gguf_seed, tmp_path, value):
     p.write_bytes(blob[:at] + struct.pack("<I", value) + blob[at + 4:])
     with pytest.raises(EdgertError, match="block_count' = .* does not match the file's layers"):
         _load_everything(str(p))
+
+
+@pytest.fixture(scope="module")
+def onnx_export_seed(tiny_models, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from edgert.converters.onnx_export import export
+    d = str(tmp_path_factory.mktemp("export") / "e.onnx")
+    export(tiny_models["llama"], d)
+    return d
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats() | st.text(max_size=12),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                    max_leaves=6)
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 40), st.booleans(), JSON), min_size=1, max_size=3))
+def test_fuzz_export_manifest(onnx_export_seed, tmp_path_factory, edits):
+    """An export's manifest.json with values replaced or keys dropped (top level and per layer):
+    the model loads and runs, or one EdgertError."""
+    import json
+    import shutil
+    from edgert.model import Model
+    d = str(tmp_path_factory.mktemp("m") / "e.onnx")
+    shutil.copytree(onnx_export_seed, d)
+    mf = os.path.join(d, "manifest.json")
+    m = json.load(open(mf))
+    for where, drop, value in edits:
+        layers = m.get("layers")
+        obj = m if where % 2 == 0 or not isinstance(layers, list) or not layers else layers[where % len(layers)]
+        if not isinstance(obj, dict) or not obj:
+            continue
+        key = sorted(obj)[where % len(obj)]
+        if drop:
+            del obj[key]
+        else:
+            obj[key] = value
+    json.dump(m, open(mf, "w"))
+    try:
+        Model(d, n_ctx=16, backend="onnx").forward([1, 2, 3])
+    except EdgertError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@FUZZ
+@given(ops=OPS, which=st.sampled_from(["head.onnx", "embed.onnx", "ffn.1.onnx"]))
+def test_fuzz_export_block_file(onnx_export_seed, tmp_path_factory, ops, which):
+    """A block file's bytes damaged (its first KiB: the protobuf's graph structure): loads and
+    runs (a weight changed), or one EdgertError naming the file."""
+    import shutil
+    from edgert.model import Model
+    d = str(tmp_path_factory.mktemp("b") / "e.onnx")
+    shutil.copytree(onnx_export_seed, d)
+    p = os.path.join(d, which)
+    blob = open(p, "rb").read()
+    with open(p, "wb") as f:
+        f.write(_mutate(blob, 1024, ops))
+    try:
+        Model(d, n_ctx=16, backend="onnx").forward([1, 2, 3])
+    except EdgertError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@FUZZ
+@given(shape=st.lists(st.integers(0, 5), max_size=4), dtype=st.sampled_from(["int64", "int32", "float32", "float64",
+                                                                            "bool", "uint8", "complex64"]),
+       name=st.sampled_from(["", "input_ids=", "attention_mask=", "x="]))
+def test_fuzz_run_model_inputs(tmp_path_factory, shape, dtype, name):
+    """run-model's .npy inputs of any shape and type against the int8 MiniLM: runs or one EdgertError."""
+    from edgert.run_model import run_model
+    from test_run_model import MINILM as path
+    if not os.path.isfile(path):
+        pytest.skip("sample models not unpacked (make test fetches them)")
+    pytest.importorskip("onnxruntime")
+    f = str(tmp_path_factory.mktemp("i") / "x.npy")
+    np.save(f, np.ones(shape, dtype))
+    try:
+        run_model(path, [name + f], 1, 1)
+    except EdgertError as e:
+        assert str(e) and "\n" not in str(e)

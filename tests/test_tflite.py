@@ -71,3 +71,18 @@ def test_mixture_of_experts_is_refused_in_one_line(tiny_models, tmp_path):
     with pytest.raises(EdgertError, match="dense models only"):
         export(tiny_models["qwen2moe"], str(tmp_path / "m.tflite"))
     assert os.listdir(tmp_path) == []
+
+
+def test_tflite_embedding_is_the_ggufs_rows_exactly(tiny_models, exports):
+    """The embedding graph gathers the GGUF's own codes and scales (converters/nbits.py) and
+    dequantises after the gather: the rows equal edgert's dequantisation bit for bit."""
+    from ai_edge_litert.interpreter import Interpreter
+    from edgert.gguf_file import GGUFFile
+    from edgert.kernels.quant import dequantize
+    g = GGUFFile(tiny_models["qwen2"])
+    w = dequantize(g.load("token_embd.weight"))
+    g.close()
+    it = Interpreter(model_path=os.path.join(exports["qwen2"], "embed.tflite"))
+    ids = (np.arange(8, dtype=np.int32) * 37) % w.shape[0]
+    x = it.get_signature_runner("prefill")(ids=ids)["output_0"]
+    np.testing.assert_array_equal(x.view(np.uint32), w[ids].view(np.uint32))
