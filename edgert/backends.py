@@ -36,6 +36,22 @@ def ort_module():
     return onnxruntime
 
 
+def plain_options(threads: int):
+    """Options for a session outside the backends (run-model, tests): on the process's global
+    pool once a backend has set one (ONNX Runtime refuses per-session threads then), else
+    `threads` of its own."""
+    ort = ort_module()
+    so = ort.SessionOptions()
+    if _POOL:
+        so.use_per_session_threads = False
+        if _POOL[0] != threads:
+            log.warning("ONNX Runtime's thread pool has %d threads in this process (asked %d)", _POOL[0], threads)
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
 def session_options(threads: int, profile: str | None = None):
     """Sessions that share the process's one thread pool (each session's own pool would put
     2 x sessions threads on the cores)."""

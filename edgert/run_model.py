@@ -119,17 +119,9 @@ def upgraded(path: str, why: str) -> bytes:
 
 
 def run_onnx(path: str, specs, threads: int, repeat: int) -> ModelRun:
-    from edgert.backends import ort_module
+    from edgert.backends import ort_module, plain_options
     ort = ort_module()
-    from edgert.backends import _POOL
-    so = ort.SessionOptions()
-    if _POOL:  # this process set ONNX Runtime's global pool (a backend): sessions must use it
-        so.use_per_session_threads = False
-        if _POOL[0] != threads:
-            log.warning("ONNX Runtime's thread pool has %d threads in this process (asked %d)", _POOL[0], threads)
-    else:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+    so = plain_options(threads)
     so.enable_profiling = True
     so.log_severity_level = 3
     import tempfile

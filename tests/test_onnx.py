@@ -62,7 +62,8 @@ def _identity_through_graph(qtype, raw, rows, cols):
     b = Builder("w", "f32")
     b.op("Identity", linear(b, "x", G(), "w"), outputs=["y"])
     m = b.model([_vi("x", TP.FLOAT, [1, "T", cols])], [_vi("y", TP.FLOAT, [1, "T", rows])])
-    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    from edgert.backends import plain_options  # a backend test in this process may have set the global pool
+    s = ort.InferenceSession(m.SerializeToString(), plain_options(1), providers=["CPUExecutionProvider"])
     del gguf
     return s.run(["y"], {"x": np.eye(cols, dtype=np.float32)[None]})[0][0].T  # [rows, cols]
 

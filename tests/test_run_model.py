@@ -79,10 +79,8 @@ def test_minilm_int8_runs_with_a_per_op_table_and_trace(tmp_path):
     r = run_model(MINILM, [str(tmp_path / "in.npz")], 2, 3)
     h = r.outputs["last_hidden_state"]
     assert h.shape == (1, 7, 384) and np.isfinite(h).all()
-    from edgert.backends import _POOL
-    so = ort.SessionOptions()
-    so.use_per_session_threads = not _POOL  # a backend test in this process set the global pool
-    ref = ort.InferenceSession(MINILM, so, providers=["CPUExecutionProvider"]).run(
+    from edgert.backends import plain_options
+    ref = ort.InferenceSession(MINILM, plain_options(2), providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})[0]
     np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-5)
     assert r.per_op_timed and r.ops[0][0] == "MatMul" and sum(x[3] for x in r.ops) == pytest.approx(1.0)
