@@ -13,9 +13,12 @@ import tempfile
 from edgert.errors import EdgertError
 
 
-def quantize(src: str, dst: str, ftype: str = "Q8_0", pure: bool = False, threads: int = 0) -> str:
+def quantize(src: str, dst: str, ftype: str = "Q8_0", pure: bool = False, threads: int = 0,
+             requantize: bool = False) -> str:
     """src (GGUF) -> dst at llama.cpp file type `ftype` (LLAMA_FTYPE_MOSTLY_<ftype>); pure: every
-    matrix at that type (no K-quant mix, embedding and output included)."""
+    matrix at that type (no K-quant mix, embedding and output included); requantize: the source
+    may itself be quantised (llama.cpp dequantises it first: a real model at another type, its
+    quality below a quantisation from the float weights)."""
     try:
         import llama_cpp
     except ImportError:
@@ -24,7 +27,7 @@ def quantize(src: str, dst: str, ftype: str = "Q8_0", pure: bool = False, thread
     if code is None:
         raise EdgertError(f"unknown llama.cpp file type '{ftype}'")
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.nthread, p.pure = code, threads, pure
+    p.ftype, p.nthread, p.pure, p.allow_requantize = code, threads, pure, requantize
     d = os.path.dirname(os.path.abspath(dst))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=d)
     os.close(fd)

@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 
-from edgert.kernels.quant import BLOCK, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
+from edgert.kernels.quant import BLOCK, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0
 
 # which type each matrix gets (rows of 256 allow the K-quants everywhere)
 DEFAULT_TYPES = {"attn_q": Q4_0, "attn_k": Q5_0, "attn_v": Q8_0, "attn_output": Q4_K,
@@ -40,9 +40,14 @@ def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator, sc
         put_f16(2, -d)
     elif qtype == Q8_0:
         put_f16(0, d / 64)
-    elif qtype == Q4_K:
+    elif qtype in (Q4_K, Q5_K):
         put_f16(0, d / 256)
         put_f16(2, d / 64)
+    elif qtype == Q2_K:
+        put_f16(80, d / 32)
+        put_f16(82, d / 32)
+    elif qtype == Q3_K:
+        put_f16(108, d / 64)
     elif qtype == Q6_K:
         b[:, :, 192:208] = (rng.integers(-32, 32, (rows, nb, 16))).astype(np.int8).view(np.uint8)
         put_f16(208, d / 256)

@@ -16,7 +16,7 @@ import numba as nb
 import numpy as np
 
 from edgert.kernels.fmath import fma32
-from edgert.kernels.quant import DOT, Q4_K, Q6_K, ROW_LAYOUTS, TILE, QMatrix, quantize_act_row
+from edgert.kernels.quant import DOT, KQUANTS, ROW_LAYOUTS, TILE, QMatrix, quantize_act_row
 from edgert.kernels.simd import matmul_rows, matmul_rows8
 
 TT = 4  # tokens per tile: weights of a block are reused TT times from L1
@@ -144,9 +144,49 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
             out[t0 + k, r0 + r] = acc[k, r]
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _sum_lanes(lanes8, acc, tt, accm, add_m):
+    """acc = llama.cpp's hsum_float_8 of the eight lane chains (+ the minimums' chain accm)."""
+    for k in range(tt):
+        for r in range(TILE):
+            acc[k, r] = _hsum8_strict(lanes8[0, k, r], lanes8[1, k, r], lanes8[2, k, r], lanes8[3, k, r],
+                                      lanes8[4, k, r], lanes8[5, k, r], lanes8[6, k, r], lanes8[7, k, r])
+            if add_m:
+                acc[k, r] += accm[k, r]
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _mins_bsums(qtype, sc, xs, ti, b, r, t):
+    """Q2_K / Q5_K: the integer sum over a super-block of min x the activation's block sums
+    (Q2_K per 16: 16 mins after the 16 scales; Q5_K per 32: 8 after 8), exact in float32."""
+    mm = np.float32(0.0)
+    if qtype == 10:
+        for j in range(16):
+            mm += np.float32(sc[ti, 32 * b + 16 + j, r]) * xs[t, 16 * b + j]
+    else:
+        for j in range(8):
+            mm += np.float32(sc[ti, 16 * b + 8 + j, r]) * xs[t, 8 * b + j]
+    return mm
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _tiled_step(lanes, mm, dw, dmin, has_min, dx, acc, k, r):
+    """llama.cpp's tiled K-quant matmul (ggml-cpu/tiled, batches of 8 tokens or more), one
+    super-block of one row and token: the exact integer total S of the lanes, res = d * S,
+    res = fma(-dmin, M, res) (M the minimums' integer sum; 0 for types without), then
+    acc = fma(res, dx, acc)."""
+    tot = 0.0
+    for L in range(8):
+        tot += np.float64(lanes[L])
+    res = dw * np.float32(tot)
+    if has_min:
+        res = fma32(-dmin, mm, res)
+    acc[k, r] = fma32(res, dx, acc[k, r])
+
+
 @nb.njit(cache=True, nogil=True)
 def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, accm, lanes8, s32):
-    """_tile for Q4_K and Q6_K, in llama.cpp's float order exactly (so no fast-math here: the
+    """_tile for the K-quants, in llama.cpp's float order exactly (so no fast-math here: the
     integer sums are exact in any order, but the float chains must not be reassociated)."""
     C = xq.shape[1]
     acc[:, :] = 0.0
@@ -200,6 +240,100 @@ def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, a
         for k in range(tt):
             for r in range(TILE):
                 acc[k, r] = acc[k, r] - accm[k, r]
+    elif qtype == 10 or qtype == 11:  # Q2_K / Q3_K: super-blocks of 256, 16 sub-blocks of 16
+        # llama.cpp (ggml_vec_dot_q{2,3}_K_q8_K, AVX2, every batch size): eight int32 lanes per
+        # super-block, lane L holding scale x quant x x over bytes 4L..4L+3 of each 32-element
+        # group; Q2_K first fuses dmin * (min . bsums) per lane pair of sub-blocks (2L, 2L + 1),
+        # then d * lane into the lane's float chain; the eight chains summed at the end.
+        # The lane sums are integers below 2^24: exact in float32 in any order. 8 tokens or more:
+        # its tiled kernel (_tiled_step).
+        tiled = xq.shape[0] >= 8
+        lanes8[:, :tt, :] = 0.0
+        for b in range(C // 256):
+            s32[0, :, :tt, :] = 0.0
+            for j in range(2):
+                for kk in range(4):
+                    sh = np.uint8(2 * kk)
+                    hb = np.uint8(4 * j + kk)
+                    for h in range(2):
+                        sb = 8 * j + 2 * kk + h  # the 16 bytes of this half share a sub-block
+                        for k in range(tt):
+                            s[:, k, :] = 0.0
+                            for l4 in range(4):
+                                for i in range(4):
+                                    l = 16 * h + 4 * l4 + i
+                                    xv = xq[t0 + k, 256 * b + 128 * j + 32 * kk + l]
+                                    for r in range(TILE):
+                                        q = np.float32((qs[ti, 64 * b + 32 * j + l, r] >> sh) & np.uint8(3))
+                                        if qtype == 11 and (qh[ti, 32 * b + l, r] >> hb) & np.uint8(1) == 0:
+                                            q -= np.float32(4.0)
+                                        s[l4, k, r] += q * xv
+                            for l4 in range(4):
+                                for r in range(TILE):
+                                    if qtype == 10:
+                                        scv = np.float32(sc[ti, 32 * b + sb, r])
+                                    else:
+                                        scv = np.float32(sc[ti, 16 * b + sb, r]) - np.float32(32.0)
+                                    s32[0, 4 * h + l4, k, r] += s[l4, k, r] * scv
+            for k in range(tt):
+                dd = xd[t0 + k, b]
+                for r in range(TILE):
+                    if tiled:
+                        _tiled_step(s32[0, :, k, r], _mins_bsums(qtype, sc, xs, ti, b, r, t0 + k),
+                                    d[ti, b, r], m[ti, b, r] if qtype == 10 else np.float32(0.0), qtype == 10,
+                                    dd, acc, k, r)
+                        continue
+                    dl = dd * d[ti, b, r]
+                    if qtype == 10:
+                        dmin = -(dd * m[ti, b, r])
+                        for L in range(8):
+                            prod = (np.float32(sc[ti, 32 * b + 16 + 2 * L, r]) * xs[t0 + k, 16 * b + 2 * L]
+                                    + np.float32(sc[ti, 32 * b + 17 + 2 * L, r]) * xs[t0 + k, 16 * b + 2 * L + 1])
+                            lanes8[L, k, r] = fma32(dmin, prod, lanes8[L, k, r])
+                    for L in range(8):
+                        lanes8[L, k, r] = fma32(dl, s32[0, L, k, r], lanes8[L, k, r])
+        if not tiled:
+            _sum_lanes(lanes8, acc, tt, accm, False)
+    elif qtype == 13:  # Q5_K: super-blocks of 256, 8 sub-blocks of 32 (scale and min each)
+        # llama.cpp (ggml_vec_dot_q5_K_q8_K, AVX2, every batch size): lanes as Q2_K's over each
+        # 64-element chunk's two halves (scales 2j, 2j + 1), d * lane into eight float chains; the
+        # minimums as one scalar chain, summs += dmin * (min . bsums); result hsum(lanes) + summs.
+        # 8 tokens or more: its tiled kernel (_tiled_step)
+        tiled = xq.shape[0] >= 8
+        lanes8[:, :tt, :] = 0.0
+        accm[:tt, :] = 0.0
+        for b in range(C // 256):
+            s32[0, :, :tt, :] = 0.0
+            for j in range(4):
+                for h in range(2):
+                    hb = np.uint8(2 * j + h)
+                    for k in range(tt):
+                        s32[1, :, k, :] = 0.0
+                        for L in range(8):
+                            for i in range(4):
+                                l = 4 * L + i
+                                xv = xq[t0 + k, 256 * b + 64 * j + 32 * h + l]
+                                for r in range(TILE):
+                                    v = qs[ti, 128 * b + 32 * j + l, r]
+                                    nib = (v & np.uint8(15)) if h == 0 else (v >> np.uint8(4))
+                                    q = np.float32(nib | (((qh[ti, 32 * b + l, r] >> hb) & np.uint8(1)) << np.uint8(4)))
+                                    s32[1, L, k, r] += q * xv
+                        for L in range(8):
+                            for r in range(TILE):
+                                s32[0, L, k, r] += s32[1, L, k, r] * np.float32(sc[ti, 16 * b + 2 * j + h, r])
+            for k in range(tt):
+                dd = xd[t0 + k, b]
+                for r in range(TILE):
+                    mm = _mins_bsums(qtype, sc, xs, ti, b, r, t0 + k)
+                    if tiled:
+                        _tiled_step(s32[0, :, k, r], mm, d[ti, b, r], m[ti, b, r], True, dd, acc, k, r)
+                        continue
+                    accm[k, r] = fma32(-(dd * m[ti, b, r]), mm, accm[k, r])
+                    dl = dd * d[ti, b, r]
+                    for L in range(8):
+                        lanes8[L, k, r] = fma32(dl, s32[0, L, k, r], lanes8[L, k, r])
+        if not tiled:
+            _sum_lanes(lanes8, acc, tt, accm, True)
     elif qtype == 14:  # Q6_K: super-blocks of 256, 16 sub-blocks of 16, int8 scales
         # llama.cpp, fewer than 8 tokens: ggml_vec_dot_q6_K_q8_K (AVX2), eight int32 lanes per
         # super-block, lane L holding the elements at byte L*4..L*4+3 of each 32-byte group
@@ -251,20 +385,13 @@ def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, a
                         s64[L, k, r] -= sub
                 if tiled:
                     for r in range(TILE):
-                        tot = 0.0
-                        for L in range(8):
-                            tot += s64[L, k, r]
-                        acc[k, r] = fma32(d[ti, b, r] * np.float32(tot), dd, acc[k, r])
+                        _tiled_step(s64[:, k, r], np.float32(0.0), d[ti, b, r], np.float32(0.0), False, dd, acc, k, r)
                 else:
                     for L in range(8):
                         for r in range(TILE):
                             lanes8[L, k, r] = fma32(dd * d[ti, b, r], np.float32(s64[L, k, r]), lanes8[L, k, r])
-        for k in range(tt):
-            if tiled:
-                continue
-            for r in range(TILE):
-                acc[k, r] = _hsum8_strict(lanes8[0, k, r], lanes8[1, k, r], lanes8[2, k, r], lanes8[3, k, r],
-                                          lanes8[4, k, r], lanes8[5, k, r], lanes8[6, k, r], lanes8[7, k, r])
+        if not tiled:
+            _sum_lanes(lanes8, acc, tt, accm, False)
     r0 = ti * TILE
     nv = min(TILE, out.shape[1] - r0)
     for k in range(tt):
@@ -292,7 +419,7 @@ def matmul_q(qtype, qs, qh, sc, d, m, xq, xd, xs, out, nthreads):
         s32 = np.empty((2, 8, TT, TILE), np.float32)  # Q6_K: exact per-half lane sums
         for ti in range(c * chunk, min(nt, (c + 1) * chunk)):
             for t0 in range(0, T, TT):
-                if qtype == Q4_K or qtype == Q6_K:
+                if qtype in KQUANTS:
                     _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, min(TT, T - t0), s, acc, s64, accm,
                             lanes8, s32)
                 else:

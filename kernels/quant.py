@@ -6,8 +6,10 @@ Repacked layout: the rows of a matrix W [R rows, C columns] are grouped in tiles
 and *transposed*, so that the row index moves fastest and each tile is one contiguous piece:
 
     qs : uint8   [n_tiles, row_bytes_q, TILE]  packed quants (nibbles / bytes / low bits)
-    qh : uint8   [n_tiles, row_bytes_h, TILE]  high bits (Q5_0: 4 bytes a block, Q6_K: 64 a super-block)
-    sc : uint8   [n_tiles, n_sub, TILE]        sub-block scales (Q6_K: int8 ^ 0x80; Q4_K: 8 scales, 8 mins)
+    qh : uint8   [n_tiles, row_bytes_h, TILE]  high bits (Q5_0: 4 bytes a block, Q6_K: 64 a super-block,
+                                               Q3_K: its hmask, Q5_K: its qh, 32 a super-block)
+    sc : uint8   [n_tiles, n_sub, TILE]        sub-block scales (Q6_K: int8 ^ 0x80; Q4_K, Q5_K: 8 scales,
+                                               8 mins; Q2_K: 16 scales, 16 mins; Q3_K: 16 scales + 32)
     d  : float32 [n_tiles, n_blocks, TILE]     block scales (F32/F16: the weights, [n_tiles, C, TILE])
     m  : float32 [n_tiles, n_blocks, TILE]     block minimums (Q4_1 m, Q4_K dmin), else empty
 
@@ -28,7 +30,7 @@ from numba.extending import intrinsic
 import numpy as np
 
 # ggml type ids (gguf.GGMLQuantizationType)
-F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 0, 1, 2, 3, 6, 8, 12, 14
+F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 8, 10, 11, 12, 13, 14
 # activation formats (what llama.cpp quantises the input vector to: its vec_dot_type)
 ACT_F32, ACT_F16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3, 4
 
@@ -56,7 +58,10 @@ QTYPES = (
     QType(Q4_1, "Q4_1", 32, 20, ACT_Q8_1, 32, 32, 24, False, True),
     QType(Q5_0, "Q5_0", 32, 22, ACT_Q8_0, 32, 32, 24, False, True),
     QType(Q8_0, "Q8_0", 32, 34, ACT_Q8_0, 32, 32, 36, False, True),
+    QType(Q2_K, "Q2_K", 256, 84, ACT_Q8_K, 16, 256, 104, True, False),
+    QType(Q3_K, "Q3_K", 256, 110, ACT_Q8_K, 16, 256, 116, True, False),
     QType(Q4_K, "Q4_K", 256, 144, ACT_Q8_K, 32, 256, 152, True, True),
+    QType(Q5_K, "Q5_K", 256, 176, ACT_Q8_K, 32, 256, 184, True, False),
     QType(Q6_K, "Q6_K", 256, 210, ACT_Q8_K, 16, 256, 212, True, True),
 )
 QTYPE = {q.id: q for q in QTYPES}
@@ -169,6 +174,18 @@ def _k4_scales(sc12: np.ndarray) -> np.ndarray:
     return out
 
 
+def _k3_scales(sc12: np.ndarray) -> np.ndarray:
+    """Q3_K packed 6-bit scales [R, nb, 12] -> [R, nb, 16] unsigned (the scale is the value - 32):
+    low 4 bits from bytes 0-7 (low nibbles for scales 0-7, high nibbles for 8-15), high 2 bits
+    from bytes 8-11 (scale i: byte 8 + i % 4, bits 2 * (i // 4))."""
+    q = sc12.astype(np.uint8)
+    out = np.empty(q.shape[:2] + (16,), np.uint8)
+    for i in range(16):
+        lo = (q[..., i] & 15) if i < 8 else (q[..., i - 8] >> 4)
+        out[..., i] = lo | (((q[..., 8 + i % 4] >> (2 * (i // 4))) & 3) << 4)
+    return out
+
+
 def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
     """GGUF blocks [R, nb, bytes per block] of Q4_0 / Q4_1 / Q5_0 / Q8_0 -> the row layout of
     simd.py: quants and high bits as in the file, one row after another; scales (and Q4_1's
@@ -215,6 +232,8 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int, layout: str | None
     if raw.size != rows * nb_ * bpb:
         raise ValueError(f"expected {rows * nb_ * bpb} bytes, got {raw.size}")
     layout = layout or layout_for(qtype, rows)
+    if layout in ROW_LAYOUTS and qtype not in ROW_TYPES:
+        raise ValueError(f"{TYPE_NAMES[qtype]} has no {layout} layout (only {', '.join(TYPE_NAMES[t] for t in ROW_TYPES)})")
     if layout == "rows8":
         if rows % G8:
             raise ValueError(f"the rows8 layout needs whole groups of {G8} rows, not {rows}")
@@ -246,6 +265,16 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int, layout: str | None
     if qtype == Q4_K:
         return QMatrix(qtype, rows, cols, _t(b[:, :, 16:144], rows), e8,
                        _t(_k4_scales(b[:, :, 4:16]), rows), _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4]))
+    if qtype == Q5_K:  # d dmin scales[12] qh[32] qs[128]
+        return QMatrix(qtype, rows, cols, _t(b[:, :, 48:176], rows), _t(b[:, :, 16:48], rows),
+                       _t(_k4_scales(b[:, :, 4:16]), rows), _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4]))
+    if qtype == Q2_K:  # scales[16] (scale | min << 4) qs[64] d dmin
+        sm = np.concatenate([b[:, :, 0:16] & np.uint8(15), b[:, :, 0:16] >> np.uint8(4)], axis=2)
+        return QMatrix(qtype, rows, cols, _t(b[:, :, 16:80], rows), e8, _t(sm, rows),
+                       _f16(b[:, :, 80:82]), _f16(b[:, :, 82:84]))
+    if qtype == Q3_K:  # hmask[32] qs[64] scales[12] d
+        return QMatrix(qtype, rows, cols, _t(b[:, :, 32:96], rows), _t(b[:, :, 0:32], rows),
+                       _t(_k3_scales(b[:, :, 96:108]), rows), _f16(b[:, :, 108:110]), ef)
     # Q6_K: ql[128] qh[64] scales[16] (int8) d
     return QMatrix(qtype, rows, cols, _t(b[:, :, 0:128], rows), _t(b[:, :, 128:192], rows),
                    _t(b[:, :, 192:208] ^ np.uint8(0x80), rows), _f16(b[:, :, 208:210]), ef)
@@ -436,8 +465,8 @@ def _dequantize_row_tiles(qtype, qs, qh, sc, d, m, r, out):
         for b in range(C // 32):
             for j in range(32):
                 out[32 * b + j] = d[ti, b, tr] * (np.float32(qs[ti, 32 * b + j, tr]) - np.float32(128.0))
-    elif qtype == 12:  # Q4_K: d * sc * q - dmin * m, 8 sub-blocks of 32
-        for b in range(C // 256):
+    elif qtype == 12 or qtype == 13:  # Q4_K / Q5_K: d * sc * q - dmin * m, 8 sub-blocks of 32
+        for b in range(C // 256):  # (Q5_K: a fifth bit from qh, bit 2c4 / 2c4 + 1 of byte l)
             for c4 in range(4):
                 s_lo = d[ti, b, tr] * np.float32(sc[ti, 16 * b + 2 * c4, tr])
                 s_hi = d[ti, b, tr] * np.float32(sc[ti, 16 * b + 2 * c4 + 1, tr])
@@ -445,8 +474,28 @@ def _dequantize_row_tiles(qtype, qs, qh, sc, d, m, r, out):
                 m_hi = m[ti, b, tr] * np.float32(sc[ti, 16 * b + 8 + 2 * c4 + 1, tr])
                 for l in range(32):
                     v = qs[ti, 128 * b + 32 * c4 + l, tr]
-                    out[256 * b + 64 * c4 + l] = s_lo * np.float32(v & 15) - m_lo
-                    out[256 * b + 64 * c4 + 32 + l] = s_hi * np.float32(v >> 4) - m_hi
+                    lo, hi = v & 15, v >> 4
+                    if qtype == 13:
+                        h = qh[ti, 32 * b + l, tr]
+                        lo += 16 * ((h >> (2 * c4)) & 1)
+                        hi += 16 * ((h >> (2 * c4 + 1)) & 1)
+                    out[256 * b + 64 * c4 + l] = s_lo * np.float32(lo) - m_lo
+                    out[256 * b + 64 * c4 + 32 + l] = s_hi * np.float32(hi) - m_hi
+    elif qtype == 10 or qtype == 11:  # Q2_K / Q3_K: 16 sub-blocks of 16, element 128j + 32k + l
+        for b in range(C // 256):
+            for j in range(2):
+                for k in range(4):
+                    for l in range(32):
+                        sb = 8 * j + 2 * k + l // 16
+                        q = np.float32((qs[ti, 64 * b + 32 * j + l, tr] >> (2 * k)) & 3)
+                        e = 256 * b + 128 * j + 32 * k + l
+                        if qtype == 10:  # d * scale * q - dmin * min
+                            out[e] = (d[ti, b, tr] * np.float32(sc[ti, 32 * b + sb, tr]) * q
+                                      - m[ti, b, tr] * np.float32(sc[ti, 32 * b + 16 + sb, tr]))
+                        else:  # d * (scale - 32) * (q - 4 where the high bit is clear)
+                            if (qh[ti, 32 * b + l, tr] >> (4 * j + k)) & 1 == 0:
+                                q -= np.float32(4.0)
+                            out[e] = d[ti, b, tr] * (np.float32(sc[ti, 16 * b + sb, tr]) - np.float32(32.0)) * q
     elif qtype == 14:  # Q6_K: d * sc * (q - 32), 16 sub-blocks of 16
         for b in range(C // 256):
             for h in range(2):

@@ -1,16 +1,18 @@
 """Quant blocks: repack + dequantise bit-exact against gguf-py; activation quantisation and the
 matmul kernel against naive NumPy references."""
 import gguf
+import numba as nb
 import numpy as np
 import pytest
 
 from edgert.converters.tiny import random_blocks
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls, quantize_for
-from edgert.kernels.quant import (DOT, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, ROW_TYPES, TYPE_NAMES,
+from edgert.kernels.quant import (DOT, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, KQUANTS,
+                                  ROW_TYPES, TYPE_NAMES,
                                   dequantize, mmap_chunks, repack, repack_chunked, repacked_nbytes, round_f16)
 from edgert.kernels.isa import row_kernels as available
 
-ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K]
+ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K]
 # (qtype, layout): every type tiled, and the row layout of kernels/simd.py where this CPU runs it
 CASES = [(t, "tiles") for t in ALL] + [(t, "rows") for t in ROW_TYPES] + [(Q4_K, "rows8")]
 CASE_IDS = [f"{TYPE_NAMES[t]}-{lay}" for t, lay in CASES]
@@ -90,7 +92,7 @@ def naive_q8(x, block, signed_max=False):
     return q.reshape(-1), d.astype(np.float16).astype(np.float32), d
 
 
-@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, Q4_K, Q6_K], ids=lambda t: TYPE_NAMES[t])
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K], ids=lambda t: TYPE_NAMES[t])
 def test_activation_quantisation_matches_llama_cpp_reference(qtype, rng):
     K = 512
     x = rng.standard_normal((2, K)).astype(np.float32)
@@ -110,7 +112,10 @@ def test_activation_quantisation_matches_llama_cpp_reference(qtype, rng):
 @pytest.mark.parametrize("T", [1, 3, 9, 70])
 def test_matmul_vs_naive(qtype, layout, T, rng):
     """Kernel = dequantised weights @ dequantised activations (float64), up to float32 rounding.
-    T = 70 crosses the row-layout kernel's 64-token groups and its 4-token calls."""
+    T = 70 crosses the row-layout kernel's 64-token groups and its 4-token calls (as plain Python,
+    NUMBA_DISABLE_JIT, the tiled K-quants stop at 9: their 70-token case takes 15-20 s each)."""
+    if T == 70 and layout == "tiles" and qtype in KQUANTS and nb.config.DISABLE_JIT:
+        pytest.skip("T = 9 already takes the tiled path; 70 adds only Python time")
     R, C = (40 if layout == "rows8" else 37), 512
     w = repack(qtype, _raw(qtype, R, C, rng)[1], R, C, layout)
     x = rng.standard_normal((T, C)).astype(np.float32)
@@ -129,6 +134,28 @@ def test_matmul_vs_naive(qtype, layout, T, rng):
     # and the activation quantisation itself is close to the float product
     exact = x.astype(np.float64) @ dequantize(w).astype(np.float64).T
     assert np.abs(out - exact).max() <= 0.03 * np.abs(exact).max()
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("qtype", [Q2_K, Q3_K, Q5_K], ids=lambda t: TYPE_NAMES[t])
+def test_low_bit_k_quants_equal_llama_cpps_vec_dot_bit_for_bit(qtype, rng, llama_cpp):
+    """Weights from llama.cpp's quantiser, products below 8 tokens against its own vec_dot (AVX2
+    here) bit for bit; 8 tokens and more take its tiled kernel, checked over whole models in
+    test_engine.test_bit_identical_logits_with_llama_cpp."""
+    from edgert.kernels.isa import current
+    if current().name == "portable" and not nb.config.DISABLE_JIT:
+        pytest.skip("llama.cpp's AVX2 float order")
+    import ggml_ref
+    R, C = 66, 512
+    raw = ggml_ref.quantize(qtype, rng.standard_normal((R, C)).astype(np.float32))
+    w = repack(qtype, raw, R, C)
+    ref = gguf.quants.dequantize(raw.reshape(R, -1), gguf.GGMLQuantizationType(qtype))
+    assert np.array_equal(dequantize(w).view(np.uint32), ref.astype(np.float32).view(np.uint32))
+    for T in (1, 5):
+        x = rng.standard_normal((T, C)).astype(np.float32)
+        out = np.empty((T, R), np.float32)
+        matmul(w, x, out, ActBuffers(T, C))
+        assert np.array_equal(out.view(np.uint32), ggml_ref.vec_dots(qtype, raw, R, C, x).view(np.uint32))
 
 
 def test_matmuls_shares_quantisation(rng):
