@@ -46,10 +46,12 @@ def unneeded_kernels(qtypes, ffn_act: str, sparse: bool = False, kv_exact: bool 
     memory: the tile-layout kernels alone are ~9 MiB loaded); the sparse-FFN kernels only for
     packages; the quantised-KV attention only for a quantised KV cache (kv_exact: f16)."""
     from edgert.kernels.isa import row_kernels
-    from edgert.kernels.quant import KQUANTS, ROW_TYPES
+    from edgert.kernels.quant import KQUANTS, LOW_K, ROW_TYPES
     skip = {"geglu", "gelu_f32"} if ffn_act != "gelu" else {"swiglu"}
     if row_kernels() and all(q in ROW_TYPES for q in qtypes):
-        skip |= {"matmul_q", "_tile", "_tile_k", "_hsum8_strict", "_dequantize_row_tiles"}
+        skip |= {"matmul_q", "_tile", "_tile_k", "_hsum8_strict"}
+        if not any(q in LOW_K for q in qtypes):  # (their row layout dequantises through the tiles')
+            skip |= {"_dequantize_row_tiles"}
     if not any(q in KQUANTS for q in qtypes):
         skip |= {"_dequantize_row_rows_k"}
     if not sparse:

@@ -58,10 +58,10 @@ QTYPES = (
     QType(Q4_1, "Q4_1", 32, 20, ACT_Q8_1, 32, 32, 24, False, True),
     QType(Q5_0, "Q5_0", 32, 22, ACT_Q8_0, 32, 32, 24, False, True),
     QType(Q8_0, "Q8_0", 32, 34, ACT_Q8_0, 32, 32, 36, False, True),
-    QType(Q2_K, "Q2_K", 256, 84, ACT_Q8_K, 16, 256, 104, True, False),
-    QType(Q3_K, "Q3_K", 256, 110, ACT_Q8_K, 16, 256, 116, True, False),
+    QType(Q2_K, "Q2_K", 256, 84, ACT_Q8_K, 16, 256, 104, True, True),
+    QType(Q3_K, "Q3_K", 256, 110, ACT_Q8_K, 16, 256, 116, True, True),
     QType(Q4_K, "Q4_K", 256, 144, ACT_Q8_K, 32, 256, 152, True, True),
-    QType(Q5_K, "Q5_K", 256, 176, ACT_Q8_K, 32, 256, 184, True, False),
+    QType(Q5_K, "Q5_K", 256, 176, ACT_Q8_K, 32, 256, 184, True, True),
     QType(Q6_K, "Q6_K", 256, 210, ACT_Q8_K, 16, 256, 212, True, True),
 )
 QTYPE = {q.id: q for q in QTYPES}
@@ -186,11 +186,33 @@ def _k3_scales(sc12: np.ndarray) -> np.ndarray:
     return out
 
 
+LOW_K = (Q2_K, Q3_K, Q5_K)  # the K-quants whose row and tile layouts hold the same per-row fields
+
+
+def _low_k_fields(qtype: int, b: np.ndarray):
+    """Q2_K / Q3_K / Q5_K blocks [R, nb, bytes] -> per-row fields (qs, qh, sc, d, m), each [R, k]:
+    quants and high bits as in GGUF, scales unpacked (Q2_K: 16 scales, 16 mins; Q3_K: 16 scales
+    + 32; Q5_K: 8 scales, 8 mins), d and dmin as float32 [R, nb] (Q3_K: no m)."""
+    R = b.shape[0]
+    f16 = lambda o: np.ascontiguousarray(b[:, :, o:o + 2]).view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+    flat = lambda a: np.ascontiguousarray(a).reshape(R, -1)  # noqa: E731
+    none8, nonef = np.zeros((R, 0), np.uint8), np.zeros((R, 0), np.float32)
+    if qtype == Q5_K:  # d dmin scales[12] qh[32] qs[128]
+        return flat(b[:, :, 48:176]), flat(b[:, :, 16:48]), flat(_k4_scales(b[:, :, 4:16])), f16(0), f16(2)
+    if qtype == Q2_K:  # scales[16] (scale | min << 4) qs[64] d dmin
+        sm = np.concatenate([b[:, :, 0:16] & np.uint8(15), b[:, :, 0:16] >> np.uint8(4)], axis=2)
+        return flat(b[:, :, 16:80]), none8, flat(sm), f16(80), f16(82)
+    # Q3_K: hmask[32] qs[64] scales[12] d
+    return flat(b[:, :, 32:96]), flat(b[:, :, 0:32]), flat(_k3_scales(b[:, :, 96:108])), f16(108), nonef
+
+
 def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
     """GGUF blocks [R, nb, bytes per block] of Q4_0 / Q4_1 / Q5_0 / Q8_0 -> the row layout of
     simd.py: quants and high bits as in the file, one row after another; scales (and Q4_1's
     minimums) as float32."""
     e8 = np.zeros((rows, 0), np.uint8)
+    if qtype in LOW_K:
+        return QMatrix(qtype, rows, cols, *_low_k_fields(qtype, b), "rows")
     if qtype == Q4_K:  # d dmin scales[12] qs[128]
         d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
         m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb] dmin
@@ -265,16 +287,10 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int, layout: str | None
     if qtype == Q4_K:
         return QMatrix(qtype, rows, cols, _t(b[:, :, 16:144], rows), e8,
                        _t(_k4_scales(b[:, :, 4:16]), rows), _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4]))
-    if qtype == Q5_K:  # d dmin scales[12] qh[32] qs[128]
-        return QMatrix(qtype, rows, cols, _t(b[:, :, 48:176], rows), _t(b[:, :, 16:48], rows),
-                       _t(_k4_scales(b[:, :, 4:16]), rows), _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4]))
-    if qtype == Q2_K:  # scales[16] (scale | min << 4) qs[64] d dmin
-        sm = np.concatenate([b[:, :, 0:16] & np.uint8(15), b[:, :, 0:16] >> np.uint8(4)], axis=2)
-        return QMatrix(qtype, rows, cols, _t(b[:, :, 16:80], rows), e8, _t(sm, rows),
-                       _f16(b[:, :, 80:82]), _f16(b[:, :, 82:84]))
-    if qtype == Q3_K:  # hmask[32] qs[64] scales[12] d
-        return QMatrix(qtype, rows, cols, _t(b[:, :, 32:96], rows), _t(b[:, :, 0:32], rows),
-                       _t(_k3_scales(b[:, :, 96:108]), rows), _f16(b[:, :, 108:110]), ef)
+    if qtype in LOW_K:
+        qs, qh, sc, d, m = _low_k_fields(qtype, b)
+        return QMatrix(qtype, rows, cols, _tiles(qs), _tiles(qh), _tiles(sc), _tiles(d),
+                       _tiles(m) if m.size else ef)
     # Q6_K: ql[128] qh[64] scales[16] (int8) d
     return QMatrix(qtype, rows, cols, _t(b[:, :, 0:128], rows), _t(b[:, :, 128:192], rows),
                    _t(b[:, :, 192:208] ^ np.uint8(0x80), rows), _f16(b[:, :, 208:210]), ef)
@@ -363,6 +379,9 @@ def dequantize_row(w: QMatrix, r: int, out: np.ndarray):
         qs, qh, sc, d, m = (a[g].reshape(nb_, G8, -1)[:, lane].reshape(1, -1) if a.size else a[:1]
                             for a in w.arrays())
         _dequantize_row_rows_k(w.qtype, qs, qh, sc, d, m, 0, out)
+    elif w.layout == "rows" and w.qtype in LOW_K:  # a row's fields as a one-row tile
+        _dequantize_row_tiles(w.qtype, *(a[r].reshape(1, -1, 1) if a.shape[1] else a[:1].reshape(1, 0, 1)
+                                         for a in w.arrays()), 0, out)
     elif w.layout == "rows" and w.qtype in KQUANTS:
         _dequantize_row_rows_k(w.qtype, w.qs, w.qh, w.sc, w.d, w.m, r, out)
     elif w.layout == "rows":

@@ -47,7 +47,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from edgert.kernels import isa as _isa
-from edgert.kernels.quant import G8, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
+from edgert.kernels.quant import G8, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, QTYPE
 
 LLVM_MIN = (19,)  # splat constants and opaque pointers in the IR below
 if tuple(llb.llvm_version_info) < LLVM_MIN and _isa.current().layout == "rows":
@@ -580,6 +580,172 @@ def q6k_ir(nt: int, tiled: bool, isa) -> str:
             + _loop(phis, "".join(body), "".join(exit_)))
 
 
+def _rep16(i: int, j: int | None = None) -> str:
+    """A <16 x i32> shuffle mask: 8 lanes of element i, then 8 of j (j = i: all 16)."""
+    j = i if j is None else j
+    return "<16 x i32> <" + ", ".join([f"i32 {i}"] * 8 + [f"i32 {j}"] * 8) + ">"
+
+
+def lowk_ir(qtype: int, nt: int, tiled: bool) -> str:
+    """Q2_K, Q3_K and Q5_K per super-block as llama.cpp computes them on AVX2: vec_dot
+    (ggml_vec_dot_q{2,3,5}_K_q8_K: eight int32 lanes, lane L over bytes 4L..4L+3 of each
+    32-element group, times the sub-block's scale; Q2_K first fma(-dx * dmin, mins . bsums per lane
+    pair) and then fma(dx * d, lanes) into eight float chains, hsum_float_8 at the end; Q3_K's
+    values low - 4 (high bit clear) as two byte products subtracted in 16 bits; Q5_K's minimums a
+    scalar chain fma(-dx * dmin, mins . bsums, summs) added after the hsum) or, from 8 tokens,
+    its tiled kernel (S the super-block's integer total, M the minimums' one:
+    res = fma(-dmin, M, d * S), acc = fma(res, dx, acc)). Row layout: quants and high bits as in
+    GGUF, scales unpacked as kernels/quant.py's tiles (Q3_K unsigned, 32 too high)."""
+    avx2 = _isa.BY_NAME["avx2"]
+    has_min = qtype != Q3_K
+    phis, body, exit_ = [], [], []
+    body.append("""  %b256 = shl i64 %b, 8
+  %b16 = shl i64 %b, 4
+  %b8 = shl i64 %b, 3
+  %dwp = getelementptr inbounds float, ptr %d, i64 %b
+  %dw = load float, ptr %dwp, align 4
+""")
+    if has_min:
+        body.append("  %dmp = getelementptr inbounds float, ptr %m, i64 %b\n  %dm = load float, ptr %dmp, align 4\n"
+                    "  %ndm = fneg float %dm\n")
+    w, scale = {}, {}  # (j, k) -> name of the 32 weights / their <16 x i16> scales
+    if qtype in (Q2_K, Q3_K):
+        body.append("""  %b64 = shl i64 %b, 6
+  %qp = getelementptr inbounds i8, ptr %qs, i64 %b64
+""")
+        if qtype == Q2_K:
+            body.append("""  %b32s = shl i64 %b, 5
+  %scp = getelementptr inbounds i8, ptr %sc, i64 %b32s
+  %sc8 = load <16 x i8>, ptr %scp, align 1
+  %sc16 = zext <16 x i8> %sc8 to <16 x i16>
+  %mnp = getelementptr inbounds i8, ptr %scp, i64 16
+  %mn8 = load <16 x i8>, ptr %mnp, align 1
+  %mn16 = zext <16 x i8> %mn8 to <16 x i16>
+""")
+        else:
+            body.append("""  %scp = getelementptr inbounds i8, ptr %sc, i64 %b16
+  %sc8 = load <16 x i8>, ptr %scp, align 1
+  %scz = zext <16 x i8> %sc8 to <16 x i16>
+  %sc16 = sub <16 x i16> %scz, splat (i16 32)
+  %b32h = shl i64 %b, 5
+  %Hp = getelementptr inbounds i8, ptr %qh, i64 %b32h
+  %H = load <32 x i8>, ptr %Hp, align 1
+""")
+        for j in range(2):
+            body.append(f"  %q{j}p = getelementptr inbounds i8, ptr %qp, i64 {32 * j}\n"
+                        f"  %q{j} = load <32 x i8>, ptr %q{j}p, align 1\n")
+            for k in range(4):
+                body.append(f"  %q{j}{k}s = lshr <32 x i8> %q{j}, splat (i8 {2 * k})\n"
+                            f"  %w{j}{k} = and <32 x i8> %q{j}{k}s, splat (i8 3)\n"
+                            f"  %s{j}{k} = shufflevector <16 x i16> %sc16, <16 x i16> poison, "
+                            f"{_rep16(8 * j + 2 * k, 8 * j + 2 * k + 1)}\n")
+                if qtype == Q3_K:  # 4 where the high bit (4j + k of byte l) is clear
+                    body.append(f"  %H{j}{k}s = lshr <32 x i8> %H, splat (i8 {4 * j + k})\n"
+                                f"  %H{j}{k}b = and <32 x i8> %H{j}{k}s, splat (i8 1)\n"
+                                f"  %H{j}{k}n = xor <32 x i8> %H{j}{k}b, splat (i8 1)\n"
+                                f"  %h{j}{k} = shl <32 x i8> %H{j}{k}n, splat (i8 2)\n")
+                w[j, k], scale[j, k] = f"w{j}{k}", f"%s{j}{k}"
+        xoff = {(j, k): 128 * j + 32 * k for j in range(2) for k in range(4)}
+    else:  # Q5_K: 4 chunks of 64, each the low and high nibbles of 32 bytes, a fifth bit from qh
+        body.append("""  %b128 = shl i64 %b, 7
+  %qp = getelementptr inbounds i8, ptr %qs, i64 %b128
+  %b32h = shl i64 %b, 5
+  %Hp = getelementptr inbounds i8, ptr %qh, i64 %b32h
+  %H = load <32 x i8>, ptr %Hp, align 1
+  %scp = getelementptr inbounds i8, ptr %sc, i64 %b16
+  %sm8 = load <16 x i8>, ptr %scp, align 1
+  %sm16 = zext <16 x i8> %sm8 to <16 x i16>
+  %mn8 = shufflevector <16 x i8> %sm8, <16 x i8> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %mn32 = zext <8 x i8> %mn8 to <8 x i32>
+""")
+        for j in range(4):
+            body.append(f"  %q{j}p = getelementptr inbounds i8, ptr %qp, i64 {32 * j}\n"
+                        f"  %q{j} = load <32 x i8>, ptr %q{j}p, align 1\n"
+                        f"  %l{j}0 = and <32 x i8> %q{j}, splat (i8 15)\n"
+                        f"  %l{j}1 = lshr <32 x i8> %q{j}, splat (i8 4)\n")
+            for h in range(2):
+                body.append(f"  %H{j}{h}s = lshr <32 x i8> %H, splat (i8 {2 * j + h})\n"
+                            f"  %H{j}{h}b = and <32 x i8> %H{j}{h}s, splat (i8 1)\n"
+                            f"  %H{j}{h}v = shl <32 x i8> %H{j}{h}b, splat (i8 4)\n"
+                            f"  %w{j}{h} = or <32 x i8> %l{j}{h}, %H{j}{h}v\n"
+                            f"  %s{j}{h} = shufflevector <16 x i16> %sm16, <16 x i16> poison, {_rep16(2 * j + h)}\n")
+                w[j, h], scale[j, h] = f"w{j}{h}", f"%s{j}{h}"
+        xoff = {(j, h): 64 * j + 32 * h for j in range(4) for h in range(2)}
+    for t in range(nt):
+        if tiled:
+            phis.append(f"  %acs{t} = phi float [0.0, %entry], [%acs{t}n, %loop]")
+        else:
+            phis.append(f"  %acc{t} = phi <8 x float> [zeroinitializer, %entry], [%acc{t}n, %loop]")
+            if qtype == Q5_K:
+                phis.append(f"  %sm{t} = phi float [0.0, %entry], [%sm{t}n, %loop]")
+        body.append(token_ptrs(t, "b256", "b", "b8" if qtype == Q5_K else "b16"))
+        if qtype == Q2_K:  # lane L: mins 2L, 2L + 1 times the activation's sums over 16
+            body.append(f"""  %bsf{t} = load <16 x float>, ptr %xsp{t}, align 4
+  %bs16{t} = fptosi <16 x float> %bsf{t} to <16 x i16>
+  %prod{t} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %mn16, <16 x i16> %bs16{t})
+""")
+        elif qtype == Q5_K:  # M = mins . sums over 32
+            body.append(f"""  %bsf{t} = load <8 x float>, ptr %xsp{t}, align 4
+  %bs32{t} = fptosi <8 x float> %bsf{t} to <8 x i32>
+  %mb{t} = mul <8 x i32> %bs32{t}, %mn32
+  %M{t} = call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> %mb{t})
+  %Mf{t} = sitofp i32 %M{t} to float
+""")
+        parts = []
+        for key, off in xoff.items():
+            n = f"{t}{key[0]}{key[1]}"
+            body.append(f"  %xp{n} = getelementptr inbounds i8, ptr %xb{t}, i64 {off}\n"
+                        f"  %x{n} = load <32 x i8>, ptr %xp{n}, align 1\n")
+            if qtype == Q3_K:
+                body.append(f"  %pa{n} = call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> %{w[key]}, <32 x i8> %x{n})\n"
+                            f"  %pb{n} = call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> %h{key[0]}{key[1]}, <32 x i8> %x{n})\n"
+                            f"  %pd{n} = sub <16 x i16> %pa{n}, %pb{n}\n"
+                            f"  %m{n} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %pd{n}, <16 x i16> {scale[key]})\n")
+            else:
+                body.append(idot(avx2, f"m{n}", w[key], f"x{n}", scale[key]))
+            parts.append(f"m{n}")
+        while len(parts) > 1:  # exact integer sums: any order
+            nxt = []
+            for i in range(0, len(parts), 2):
+                body.append(f"  %{parts[i]}_{parts[i + 1]} = add <8 x i32> %{parts[i]}, %{parts[i + 1]}\n")
+                nxt.append(f"{parts[i]}_{parts[i + 1]}")
+            parts = nxt
+        sumi = parts[0]
+        if tiled:
+            body.append(f"""  %S{t} = call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> %{sumi})
+  %Sf{t} = sitofp i32 %S{t} to float
+  %dS{t} = fmul float %dw, %Sf{t}
+""")
+            res = f"dS{t}"
+            if qtype == Q2_K:
+                body.append(f"  %M{t} = call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> %prod{t})\n"
+                            f"  %Mf{t} = sitofp i32 %M{t} to float\n")
+            if has_min:
+                body.append(f"  %rs{t} = call float @llvm.fma.f32(float %ndm, float %Mf{t}, float %dS{t})\n")
+                res = f"rs{t}"
+            body.append(f"  %acs{t}n = call float @llvm.fma.f32(float %{res}, float %dx{t}, float %acs{t})\n")
+            exit_.append(store(t, f"acs{t}n"))
+            continue
+        body.append(f"  %dd{t} = fmul float %dx{t}, %dw\n" + splat("float", 8, f"dd{t}", f"ddv{t}")
+                    + f"  %sf{t} = sitofp <8 x i32> %{sumi} to <8 x float>\n")
+        acc = f"acc{t}"
+        if has_min:
+            body.append(f"  %dmn{t}a = fmul float %dx{t}, %dm\n  %dmn{t} = fneg float %dmn{t}a\n")
+        if qtype == Q2_K:
+            body.append(splat("float", 8, f"dmn{t}", f"dmv{t}")
+                        + f"  %pf{t} = sitofp <8 x i32> %prod{t} to <8 x float>\n"
+                        f"  %acm{t} = call <8 x float> @llvm.fma.v8f32(<8 x float> %dmv{t}, <8 x float> %pf{t}, <8 x float> %acc{t})\n")
+            acc = f"acm{t}"
+        body.append(f"  %acc{t}n = call <8 x float> @llvm.fma.v8f32(<8 x float> %ddv{t}, <8 x float> %sf{t}, <8 x float> %{acc})\n")
+        if qtype == Q5_K:
+            body.append(f"  %sm{t}n = call float @llvm.fma.f32(float %dmn{t}, float %Mf{t}, float %sm{t})\n")
+            exit_.append(hsum8(f"acc{t}n", f"h{t}") + f"  %hs{t} = fadd float %h{t}, %sm{t}n\n" + store(t, f"hs{t}"))
+        else:
+            exit_.append(hsum8(f"acc{t}n", f"h{t}") + store(t, f"h{t}"))
+    name = f"edgert_{QTYPE[qtype].name.lower()}_nt{nt}_{'tiled' if tiled else 'vec'}"
+    return DECLS + HEADER.format(name=name) + _loop(phis, "".join(body), "".join(exit_))
+
+
 # ---------------------------------------------------------------------------------------------
 # Numba glue
 # ---------------------------------------------------------------------------------------------
@@ -591,6 +757,8 @@ def ir_text(qtype: int, nt: int, kmode: int = 0, isa=None) -> str:
         return q4k_ir(nt, bool(kmode), isa)
     if qtype == Q6_K:
         return q6k_ir(nt, bool(kmode), isa)
+    if qtype in (Q2_K, Q3_K, Q5_K):
+        return lowk_ir(qtype, nt, bool(kmode))
     return legacy_ir(qtype, nt, isa)
 
 
@@ -629,6 +797,9 @@ q4k_gemv_1, q4k_gemv_4, q4k_gemm_4 = _make(Q4_K, 1, 0), _make(Q4_K, 4, 0), _make
 q4k8_gemv8 = _make(Q4_K, 1, text=q4k_gemv8_ir(ISA))
 q4k8_gemm8 = _make(Q4_K, 4, text=q4k_gemm8_ir(ISA))
 q6k_vec_1, q6k_vec_4, q6k_tiled_1, q6k_tiled_4 = _make(Q6_K, 1, 0), _make(Q6_K, 4, 0), _make(Q6_K, 1, 1), _make(Q6_K, 4, 1)
+q2k_vec_1, q2k_vec_4, q2k_tiled_1, q2k_tiled_4 = _make(Q2_K, 1, 0), _make(Q2_K, 4, 0), _make(Q2_K, 1, 1), _make(Q2_K, 4, 1)
+q3k_vec_1, q3k_vec_4, q3k_tiled_1, q3k_tiled_4 = _make(Q3_K, 1, 0), _make(Q3_K, 4, 0), _make(Q3_K, 1, 1), _make(Q3_K, 4, 1)
+q5k_vec_1, q5k_vec_4, q5k_tiled_1, q5k_tiled_4 = _make(Q5_K, 1, 0), _make(Q5_K, 4, 0), _make(Q5_K, 1, 1), _make(Q5_K, 4, 1)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -654,6 +825,36 @@ def dot(qtype, nt, tiled, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, p
             q6k_vec_4(*a)
         else:
             q6k_vec_1(*a)
+    elif qtype == Q2_K:  # (fast mode: the same paths)
+        if tiled:
+            if nt == 4:
+                q2k_tiled_4(*a)
+            else:
+                q2k_tiled_1(*a)
+        elif nt == 4:
+            q2k_vec_4(*a)
+        else:
+            q2k_vec_1(*a)
+    elif qtype == Q3_K:
+        if tiled:
+            if nt == 4:
+                q3k_tiled_4(*a)
+            else:
+                q3k_tiled_1(*a)
+        elif nt == 4:
+            q3k_vec_4(*a)
+        else:
+            q3k_vec_1(*a)
+    elif qtype == Q5_K:
+        if tiled:
+            if nt == 4:
+                q5k_tiled_4(*a)
+            else:
+                q5k_tiled_1(*a)
+        elif nt == 4:
+            q5k_vec_4(*a)
+        else:
+            q5k_vec_1(*a)
     elif nt == 4:
         if qtype == Q5_0:
             q5_0_4(*a)
