@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 
-from edgert.kernels.quant import BLOCK, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0
+from edgert.kernels.quant import BLOCK, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
 # which type each matrix gets (rows of 256 allow the K-quants everywhere)
 DEFAULT_TYPES = {"attn_q": Q4_0, "attn_k": Q5_0, "attn_v": Q8_0, "attn_output": Q4_K,
@@ -37,6 +37,9 @@ def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator, sc
         put_f16(0, d / 8)
     elif qtype == Q4_1:
         put_f16(0, d / 8)
+        put_f16(2, -d)
+    elif qtype == Q5_1:
+        put_f16(0, d / 16)
         put_f16(2, -d)
     elif qtype == Q8_0:
         put_f16(0, d / 64)

@@ -80,11 +80,11 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
                 xv = xq[t0 + k, c]
                 for r in range(TILE):
                     acc[k, r] += d[ti, c, r] * xv
-    elif qtype == 2 or qtype == 3 or qtype == 6:  # Q4_0, Q4_1, Q5_0: blocks of 32
-        off = np.float32(8.0) if qtype == 2 else (np.float32(0.0) if qtype == 3 else np.float32(16.0))
+    elif qtype == 2 or qtype == 3 or qtype == 6 or qtype == 7:  # Q4_0, Q4_1, Q5_0, Q5_1: blocks of 32
+        off = np.float32(8.0) if qtype == 2 else (np.float32(16.0) if qtype == 6 else np.float32(0.0))
         for b in range(C // 32):
             s[0, :tt, :] = 0.0
-            if qtype == 6:
+            if qtype == 6 or qtype == 7:
                 # the block's 32 high bits of each row as one int32 (bit j: element j, bit j + 16:
                 # element j + 16), so the inner loop shifts 32-bit lanes instead of bytes
                 for r in range(TILE):
@@ -98,7 +98,7 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
                         xh = xq[t0 + k, 32 * b + 16 + j]
                         xl16, xh16 = np.float32(16.0) * xl, np.float32(16.0) * xh
                         for r in range(TILE):
-                            # value = nibble - 16, plus 16 where the high bit is set: a masked add
+                            # value = nibble - off, plus 16 where the high bit is set: a masked add
                             v = qs[ti, i, r]
                             hv = h32[r]
                             a = (_lo(v) - off) * xl + (_hi(v) - off) * xh
@@ -118,7 +118,7 @@ def _tile(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, h32):
                             s[0, k, r] += (_lo(v) - off) * xl + (_hi(v) - off) * xh
             for k in range(tt):
                 sx = xd[t0 + k, b]
-                if qtype == 3:
+                if qtype == 3 or qtype == 7:
                     mx = xs[t0 + k, b]
                     for r in range(TILE):
                         acc[k, r] += s[0, k, r] * (d[ti, b, r] * sx) + m[ti, b, r] * mx

@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 import numpy as np
 
 # ggml type ids (gguf.GGMLQuantizationType)
-F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 8, 10, 11, 12, 13, 14
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
 # activation formats (what llama.cpp quantises the input vector to: its vec_dot_type)
 ACT_F32, ACT_F16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2, 3, 4
 
@@ -57,6 +57,7 @@ QTYPES = (
     QType(Q4_0, "Q4_0", 32, 18, ACT_Q8_0, 32, 32, 20, False, True),
     QType(Q4_1, "Q4_1", 32, 20, ACT_Q8_1, 32, 32, 24, False, True),
     QType(Q5_0, "Q5_0", 32, 22, ACT_Q8_0, 32, 32, 24, False, True),
+    QType(Q5_1, "Q5_1", 32, 24, ACT_Q8_1, 32, 32, 28, False, True),
     QType(Q8_0, "Q8_0", 32, 34, ACT_Q8_0, 32, 32, 36, False, True),
     QType(Q2_K, "Q2_K", 256, 84, ACT_Q8_K, 16, 256, 104, True, True),
     QType(Q3_K, "Q3_K", 256, 110, ACT_Q8_K, 16, 256, 116, True, True),
@@ -236,6 +237,10 @@ def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
     elif qtype == Q5_0:
         qs = np.ascontiguousarray(b[:, :, 6:22]).reshape(rows, -1)                        # [R, nb * 16]
         qh = np.ascontiguousarray(b[:, :, 2:6]).reshape(rows, -1)                         # [R, nb * 4]
+    elif qtype == Q5_1:  # d m qh[4] qs[16]
+        qs = np.ascontiguousarray(b[:, :, 8:24]).reshape(rows, -1)                        # [R, nb * 16]
+        qh = np.ascontiguousarray(b[:, :, 4:8]).reshape(rows, -1)                         # [R, nb * 4]
+        m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
     else:
         qs = np.ascontiguousarray(b[:, :, 2:34]).reshape(rows, -1)                        # [R, nb * 32] int8 bits
     return QMatrix(qtype, rows, cols, qs, qh, e8, d, m, "rows")
@@ -281,6 +286,9 @@ def repack(qtype: int, raw: np.ndarray, rows: int, cols: int, layout: str | None
     if qtype == Q5_0:
         return QMatrix(qtype, rows, cols, _t(b[:, :, 6:22], rows), _t(b[:, :, 2:6], rows), e8,
                        _f16(b[:, :, 0:2]), ef)
+    if qtype == Q5_1:
+        return QMatrix(qtype, rows, cols, _t(b[:, :, 8:24], rows), _t(b[:, :, 4:8], rows), e8,
+                       _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4]))
     if qtype == Q8_0:
         return QMatrix(qtype, rows, cols, _t(b[:, :, 2:34] ^ np.uint8(0x80), rows), e8, e8,
                        _f16(b[:, :, 0:2]), ef)
@@ -392,22 +400,22 @@ def dequantize_row(w: QMatrix, r: int, out: np.ndarray):
 
 @nb.njit(cache=True, nogil=True)
 def _dequantize_row_rows(qtype, qs, qh, d, m, r, out):
-    """dequantize_row for the row layout (Q4_0, Q4_1, Q5_0, Q8_0)."""
+    """dequantize_row for the row layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)."""
     for b in range(out.shape[0] // 32):
         db = d[r, b]
         if qtype == 8:
             for j in range(32):
                 out[32 * b + j] = db * np.float32(np.int8(qs[r, 32 * b + j]))
             continue
-        off = np.float32(8.0) if qtype == 2 else np.float32(16.0)  # (Q4_1: no offset, a minimum)
+        off = np.float32(8.0) if qtype == 2 else np.float32(16.0)  # (Q4_1, Q5_1: no offset, a minimum)
         for j in range(16):
             v = qs[r, 16 * b + j]
             lo = np.float32(v & 15)
             hi = np.float32(v >> 4)
-            if qtype == 6:
+            if qtype == 6 or qtype == 7:
                 lo += np.float32(16 * ((qh[r, 4 * b + j // 8] >> (j % 8)) & 1))
                 hi += np.float32(16 * ((qh[r, 4 * b + 2 + j // 8] >> (j % 8)) & 1))
-            if qtype == 3:
+            if qtype == 3 or qtype == 7:
                 out[32 * b + j] = db * lo + m[r, b]
                 out[32 * b + 16 + j] = db * hi + m[r, b]
             else:
@@ -463,18 +471,18 @@ def _dequantize_row_tiles(qtype, qs, qh, sc, d, m, r, out):
     if qtype == 0 or qtype == 1:  # F32 / F16
         for j in range(C):
             out[j] = d[ti, j, tr]
-    elif qtype == 2 or qtype == 3 or qtype == 6:  # Q4_0, Q4_1, Q5_0
-        off = np.float32(8.0) if qtype == 2 else (np.float32(0.0) if qtype == 3 else np.float32(16.0))
+    elif qtype == 2 or qtype == 3 or qtype == 6 or qtype == 7:  # Q4_0, Q4_1, Q5_0, Q5_1
+        off = np.float32(8.0) if qtype == 2 else (np.float32(16.0) if qtype == 6 else np.float32(0.0))
         for b in range(C // 32):
             db = d[ti, b, tr]
             for j in range(16):
                 v = qs[ti, 16 * b + j, tr]
                 lo = np.float32(v & 15)
                 hi = np.float32(v >> 4)
-                if qtype == 6:
+                if qtype == 6 or qtype == 7:
                     lo += np.float32(16 * ((qh[ti, 4 * b + j // 8, tr] >> (j % 8)) & 1))
                     hi += np.float32(16 * ((qh[ti, 4 * b + 2 + j // 8, tr] >> (j % 8)) & 1))
-                if qtype == 3:
+                if qtype == 3 or qtype == 7:
                     out[32 * b + j] = db * lo + m[ti, b, tr]
                     out[32 * b + 16 + j] = db * hi + m[ti, b, tr]
                 else:

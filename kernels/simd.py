@@ -1,4 +1,4 @@
-"""Integer dot products of GGUF weight rows (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) with 8-bit
+"""Integer dot products of GGUF weight rows (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants) with 8-bit
 activations, written as LLVM IR for x86 (AVX2; AVX-512 VNNI) and called from Numba kernels.
 
 Why IR: Numba does not emit vpmaddubsw / vpmaddwd / vpdpbusd from Python loops (an int8 row dot
@@ -47,7 +47,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from edgert.kernels import isa as _isa
-from edgert.kernels.quant import G8, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, QTYPE
+from edgert.kernels.quant import G8, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QTYPE
 
 LLVM_MIN = (19,)  # splat constants and opaque pointers in the IR below
 if tuple(llb.llvm_version_info) < LLVM_MIN and _isa.current().layout == "rows":
@@ -196,6 +196,17 @@ _UNPACK = {
   %neg = or <32 x i8> %cat, splat (i8 -16)
   %wx = select <32 x i1> %hm, <32 x i8> %cat, <32 x i8> %neg
 """,
+    Q5_1: """  %qp = getelementptr inbounds i8, ptr %qs, i64 %b16
+  %q16 = load <16 x i8>, ptr %qp, align 1
+  %lo = and <16 x i8> %q16, splat (i8 15)
+  %hi = lshr <16 x i8> %q16, splat (i8 4)
+  %cat = shufflevector <16 x i8> %lo, <16 x i8> %hi, <32 x i32> {seq32}
+  %hp = getelementptr inbounds i8, ptr %qh, i64 %b4
+  %h = load i32, ptr %hp, align 1
+  %hm = bitcast i32 %h to <32 x i1>
+  %pos = or <32 x i8> %cat, splat (i8 16)
+  %wx = select <32 x i1> %hm, <32 x i8> %pos, <32 x i8> %cat
+""",
     Q8_0: """  %qp = getelementptr inbounds i8, ptr %qs, i64 %b32
   %wx = load <32 x i8>, ptr %qp, align 1
 """,
@@ -203,10 +214,10 @@ _UNPACK = {
 
 
 def legacy_ir(qtype: int, nt: int, isa) -> str:
-    """Per block b and token t: lanes = idot(|w|, sign(x, w)) (Q4_1: idot(w, x)), then
-    acc_t = fma(d_w * dx_t, float(lanes), acc_t) on eight lanes; Q4_1 also sm_t = fma(m_w, s_t,
-    sm_t). At the end out_t = hsum_float_8(acc_t) (+ sm_t), as llama.cpp."""
-    signed = qtype != Q4_1
+    """Per block b and token t: lanes = idot(|w|, sign(x, w)) (Q4_1, Q5_1: idot(w, x)), then
+    acc_t = fma(d_w * dx_t, float(lanes), acc_t) on eight lanes; Q4_1 and Q5_1 also
+    sm_t = fma(m_w, s_t, sm_t). At the end out_t = hsum_float_8(acc_t) (+ sm_t), as llama.cpp."""
+    signed = qtype not in (Q4_1, Q5_1)
     phis, body, exit_ = [], [], []
     body.append("  %b4 = shl i64 %b, 2\n  %b16 = shl i64 %b, 4\n  %b32 = shl i64 %b, 5\n")
     body.append(_UNPACK[qtype].format(seq32=SEQ32))
@@ -792,6 +803,7 @@ def _make(qtype: int, nt: int, kmode: int = 0, text: str = ""):
 q4_0_1, q4_0_4 = _make(Q4_0, 1), _make(Q4_0, 4)
 q4_1_1, q4_1_4 = _make(Q4_1, 1), _make(Q4_1, 4)
 q5_0_1, q5_0_4 = _make(Q5_0, 1), _make(Q5_0, 4)
+q5_1_1, q5_1_4 = _make(Q5_1, 1), _make(Q5_1, 4)
 q8_0_1, q8_0_4 = _make(Q8_0, 1), _make(Q8_0, 4)
 q4k_gemv_1, q4k_gemv_4, q4k_gemm_4 = _make(Q4_K, 1, 0), _make(Q4_K, 4, 0), _make(Q4_K, 4, 1)
 q4k8_gemv8 = _make(Q4_K, 1, text=q4k_gemv8_ir(ISA))
@@ -858,6 +870,8 @@ def dot(qtype, nt, tiled, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, p
     elif nt == 4:
         if qtype == Q5_0:
             q5_0_4(*a)
+        elif qtype == Q5_1:
+            q5_1_4(*a)
         elif qtype == Q8_0:
             q8_0_4(*a)
         elif qtype == Q4_1:
@@ -866,6 +880,8 @@ def dot(qtype, nt, tiled, pq, ph, psc, pd, pm, px, pxd, pxs, nblk, xs, ds, ss, p
             q4_0_4(*a)
     elif qtype == Q5_0:
         q5_0_1(*a)
+    elif qtype == Q5_1:
+        q5_1_1(*a)
     elif qtype == Q8_0:
         q8_0_1(*a)
     elif qtype == Q4_1:

@@ -46,9 +46,9 @@ def test_tiny_model_logits_match_llama_cpp(arch, tiny_models, llama_cpp):
 
 @pytest.mark.llama
 @pytest.mark.parametrize("arch,mtype", [("llama", 3), ("qwen2", 6), ("llama", 8), ("qwen2", 12), ("gemma3", 14),
-                                        ("llama", 10), ("qwen2", 11), ("gemma3", 13)],
+                                        ("llama", 10), ("qwen2", 11), ("gemma3", 13), ("qwen2", 7)],
                          ids=["llama-Q4_1", "qwen2-Q5_0", "llama-Q8_0", "qwen2-Q4_K", "gemma3-Q6_K",
-                              "llama-Q2_K", "qwen2-Q3_K", "gemma3-Q5_K"])
+                              "llama-Q2_K", "qwen2-Q3_K", "gemma3-Q5_K", "qwen2-Q5_1"])
 def test_bit_identical_logits_with_llama_cpp(arch, mtype, llama_cpp, tmp_path):
     """Every float operation of a forward pass is llama.cpp's (its AVX2 kernels, the path it picks
     for the batch size: vec_dot / tinyBLAS / repacked gemv-gemm / tiled), so the logits are

@@ -7,12 +7,12 @@ import pytest
 
 from edgert.converters.tiny import random_blocks
 from edgert.kernels.matmul import ActBuffers, matmul, matmuls, quantize_for
-from edgert.kernels.quant import (DOT, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, KQUANTS,
+from edgert.kernels.quant import (DOT, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, KQUANTS,
                                   ROW_TYPES, TYPE_NAMES,
                                   dequantize, mmap_chunks, repack, repack_chunked, repacked_nbytes, round_f16)
 from edgert.kernels.isa import row_kernels as available
 
-ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K]
+ALL = [F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K]
 # (qtype, layout): every type tiled, and the row layout of kernels/simd.py where this CPU runs it
 CASES = [(t, "tiles") for t in ALL] + [(t, "rows") for t in ROW_TYPES] + [(Q4_K, "rows8")]
 CASE_IDS = [f"{TYPE_NAMES[t]}-{lay}" for t, lay in CASES]
@@ -92,7 +92,7 @@ def naive_q8(x, block, signed_max=False):
     return q.reshape(-1), d.astype(np.float16).astype(np.float32), d
 
 
-@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K], ids=lambda t: TYPE_NAMES[t])
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q5_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K], ids=lambda t: TYPE_NAMES[t])
 def test_activation_quantisation_matches_llama_cpp_reference(qtype, rng):
     K = 512
     x = rng.standard_normal((2, K)).astype(np.float32)
@@ -103,7 +103,7 @@ def test_activation_quantisation_matches_llama_cpp_reference(qtype, rng):
         q, d, d_unrounded = naive_q8(x[t], A, signed_max=(A == 256))
         assert np.array_equal(xq[t], q)
         assert np.array_equal(xd[t], d)
-        if qtype == Q4_1:  # s = fp16(d * sum(q)) with the unrounded d, as llama.cpp stores it
+        if qtype in (Q4_1, Q5_1):  # s = fp16(d * sum(q)) with the unrounded d, as llama.cpp stores it
             s = (d_unrounded * q.reshape(-1, 32).sum(1).astype(np.float32)).astype(np.float16).astype(np.float32)
             assert np.array_equal(xs[t], s)
 
@@ -126,7 +126,7 @@ def test_matmul_vs_naive(qtype, layout, T, rng):
     act, S, A = DOT[qtype]
     xdeq = (xq.reshape(T, -1, A) * xd[:, :, None]).reshape(T, C).astype(np.float64) if act >= 2 else xq.astype(np.float64)
     ref = xdeq @ dequantize(w).astype(np.float64).T
-    if qtype == Q4_1:  # the min term uses llama.cpp's stored s = fp16(d * sum(q)), not xd * sum(q)
+    if qtype in (Q4_1, Q5_1):  # the min term uses llama.cpp's stored s = fp16(d * sum(q)), not xd * sum(q)
         xsum = xdeq.reshape(T, -1, 32).sum(2)                    # [T, nb]
         m_rows = (w.m.T if layout != "tiles" else w.m.transpose(1, 0, 2).reshape(w.m.shape[1], -1)[:, :R])  # [nb, R]
         ref += (xs.astype(np.float64) - xsum) @ m_rows.astype(np.float64)
@@ -137,8 +137,8 @@ def test_matmul_vs_naive(qtype, layout, T, rng):
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("qtype", [Q2_K, Q3_K, Q5_K], ids=lambda t: TYPE_NAMES[t])
-def test_low_bit_k_quants_equal_llama_cpps_vec_dot_bit_for_bit(qtype, rng, llama_cpp):
+@pytest.mark.parametrize("qtype", [Q2_K, Q3_K, Q5_K, Q5_1], ids=lambda t: TYPE_NAMES[t])
+def test_new_types_equal_llama_cpps_vec_dot_bit_for_bit(qtype, rng, llama_cpp):
     """Weights from llama.cpp's quantiser, products below 8 tokens against its own vec_dot (AVX2
     here) bit for bit; 8 tokens and more take its tiled kernel, checked over whole models in
     test_engine.test_bit_identical_logits_with_llama_cpp."""
