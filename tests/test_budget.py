@@ -66,8 +66,9 @@ def test_plan_equals_allocations(tiny_models, expand_q5):
 def test_refused_before_loading(tiny_models):
     r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "-n", "1", "--mem-budget", "100KB")
     one_line_error(r, ".gguf", "the memory budget 0.1 MiB (--mem-budget 100KB) is below this process's fixed cost")
-    r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "-n", "1", "--mem-budget", "150MB", "-c", "200000")
-    one_line_error(r, ".gguf", "needs", "kv cache", "on top of the process's fixed cost", "memory budget is 143.1 MiB")
+    # a budget well above the fixed cost (~120 MiB), far below a 200,000-position KV cache
+    r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "-n", "1", "--mem-budget", "200MB", "-c", "200000")
+    one_line_error(r, ".gguf", "needs", "kv cache", "on top of the process's fixed cost", "memory budget is 190.7 MiB")
     r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "--mem-budget", "lots")
     one_line_error(r, "--mem-budget 'lots': not a size")
     r = run_cli("run", "-m", tiny_models["llama"], "-p", "a", "--device", "nokia-3310")

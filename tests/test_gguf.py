@@ -101,12 +101,12 @@ def test_unsupported_quant_type(tiny_models, tmp_path):
 
     def mutate(meta, tensors):
         for i, (name, data, qt) in enumerate(tensors):
-            if name == "blk.0.attn_q.weight":  # same bytes, declared Q5_1 (24 bytes / 32): unsupported
+            if name == "blk.0.attn_q.weight":  # declared IQ4_NL (18 bytes / 32): unsupported
                 rows = data.shape[0]
-                tensors[i] = (name, np.zeros((rows, 8 * 24), np.uint8), gguf.GGMLQuantizationType.Q5_1)
+                tensors[i] = (name, np.zeros((rows, 8 * 18), np.uint8), gguf.GGMLQuantizationType.IQ4_NL)
     p = _rewrite(tiny_models["llama"], str(tmp_path / "q.gguf"), mutate)
     from edgert.model import Model
-    with pytest.raises(EdgertError, match=r"q\.gguf: tensor 'blk\.0\.attn_q\.weight' has unsupported quant type Q5_1"):
+    with pytest.raises(EdgertError, match=r"q\.gguf: tensor 'blk\.0\.attn_q\.weight' has unsupported quant type IQ4_NL"):
         Model(p)
 
 
