@@ -279,9 +279,12 @@ def _tile_k(qtype, qs, qh, sc, d, m, xq, xd, xs, out, ti, t0, tt, s, acc, s64, a
                 dd = xd[t0 + k, b]
                 for r in range(TILE):
                     if tiled:
-                        _tiled_step(s32[0, :, k, r], _mins_bsums(qtype, sc, xs, ti, b, r, t0 + k),
-                                    d[ti, b, r], m[ti, b, r] if qtype == 10 else np.float32(0.0), qtype == 10,
-                                    dd, acc, k, r)
+                        if qtype == 10:
+                            _tiled_step(s32[0, :, k, r], _mins_bsums(qtype, sc, xs, ti, b, r, t0 + k),
+                                        d[ti, b, r], m[ti, b, r], True, dd, acc, k, r)
+                        else:  # Q3_K: no minimums
+                            _tiled_step(s32[0, :, k, r], np.float32(0.0), d[ti, b, r], np.float32(0.0), False,
+                                        dd, acc, k, r)
                         continue
                     dl = dd * d[ti, b, r]
                     if qtype == 10:
@@ -414,9 +417,9 @@ def matmul_q(qtype, qs, qh, sc, d, m, xq, xd, xs, out, nthreads):
         acc = np.empty((TT, TILE), np.float32)    # per-row results of a token tile
         h32 = np.empty(TILE, np.int32)            # per-row high bits of a Q5_0 block
         s64 = np.empty((8, TT, TILE), np.float64)  # K-quants: exact integer sums of a super-block
-        accm = np.empty((TT, TILE), np.float32)    # Q4_K: the minimums' float chain
-        lanes8 = np.empty((8, TT, TILE), np.float32)  # Q6_K: llama.cpp's eight float lanes
-        s32 = np.empty((2, 8, TT, TILE), np.float32)  # Q6_K: exact per-half lane sums
+        accm = np.empty((TT, TILE), np.float32)    # Q4_K, Q5_K: the minimums' float chain
+        lanes8 = np.empty((8, TT, TILE), np.float32)  # Q2_K, Q3_K, Q5_K, Q6_K: llama.cpp's eight float lanes
+        s32 = np.empty((2, 8, TT, TILE), np.float32)  # exact lane sums (Q6_K per half; Q2/3/5_K [0] total, [1] part)
         for ti in range(c * chunk, min(nt, (c + 1) * chunk)):
             for t0 in range(0, T, TT):
                 if qtype in KQUANTS:

@@ -175,6 +175,11 @@ def _k4_scales(sc12: np.ndarray) -> np.ndarray:
     return out
 
 
+def _f16_rows(b: np.ndarray, o: int) -> np.ndarray:
+    """The fp16 field at byte o of every block [R, nb, bytes] -> float32 [R, nb] (exact)."""
+    return np.ascontiguousarray(b[:, :, o:o + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
 def _k3_scales(sc12: np.ndarray) -> np.ndarray:
     """Q3_K packed 6-bit scales [R, nb, 12] -> [R, nb, 16] unsigned (the scale is the value - 32):
     low 4 bits from bytes 0-7 (low nibbles for scales 0-7, high nibbles for 8-15), high 2 bits
@@ -195,43 +200,44 @@ def _low_k_fields(qtype: int, b: np.ndarray):
     quants and high bits as in GGUF, scales unpacked (Q2_K: 16 scales, 16 mins; Q3_K: 16 scales
     + 32; Q5_K: 8 scales, 8 mins), d and dmin as float32 [R, nb] (Q3_K: no m)."""
     R = b.shape[0]
-    f16 = lambda o: np.ascontiguousarray(b[:, :, o:o + 2]).view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
     flat = lambda a: np.ascontiguousarray(a).reshape(R, -1)  # noqa: E731
     none8, nonef = np.zeros((R, 0), np.uint8), np.zeros((R, 0), np.float32)
     if qtype == Q5_K:  # d dmin scales[12] qh[32] qs[128]
-        return flat(b[:, :, 48:176]), flat(b[:, :, 16:48]), flat(_k4_scales(b[:, :, 4:16])), f16(0), f16(2)
+        return (flat(b[:, :, 48:176]), flat(b[:, :, 16:48]), flat(_k4_scales(b[:, :, 4:16])),
+                _f16_rows(b, 0), _f16_rows(b, 2))
     if qtype == Q2_K:  # scales[16] (scale | min << 4) qs[64] d dmin
         sm = np.concatenate([b[:, :, 0:16] & np.uint8(15), b[:, :, 0:16] >> np.uint8(4)], axis=2)
-        return flat(b[:, :, 16:80]), none8, flat(sm), f16(80), f16(82)
+        return flat(b[:, :, 16:80]), none8, flat(sm), _f16_rows(b, 80), _f16_rows(b, 82)
     # Q3_K: hmask[32] qs[64] scales[12] d
-    return flat(b[:, :, 32:96]), flat(b[:, :, 0:32]), flat(_k3_scales(b[:, :, 96:108])), f16(108), nonef
+    return (flat(b[:, :, 32:96]), flat(b[:, :, 0:32]), flat(_k3_scales(b[:, :, 96:108])),
+            _f16_rows(b, 108), nonef)
 
 
 def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
-    """GGUF blocks [R, nb, bytes per block] of Q4_0 / Q4_1 / Q5_0 / Q8_0 -> the row layout of
-    simd.py: quants and high bits as in the file, one row after another; scales (and Q4_1's
-    minimums) as float32."""
+    """GGUF blocks [R, nb, bytes per block] of a row type -> the row layout of simd.py: quants and
+    high bits as in the file, one row after another; scales (and minimums) as float32; K-quant
+    sub-block scales unpacked."""
     e8 = np.zeros((rows, 0), np.uint8)
     if qtype in LOW_K:
         return QMatrix(qtype, rows, cols, *_low_k_fields(qtype, b), "rows")
     if qtype == Q4_K:  # d dmin scales[12] qs[128]
-        d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
-        m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb] dmin
+        d = _f16_rows(b, 0)  # [R, nb]
+        m = _f16_rows(b, 2)  # [R, nb] dmin
         sc = _k4_scales(b[:, :, 4:16]).reshape(rows, -1)                                    # [R, nb * 16]
         qs = np.ascontiguousarray(b[:, :, 16:144]).reshape(rows, -1)                        # [R, nb * 128]
         return QMatrix(qtype, rows, cols, qs, e8, sc, d, m, "rows")
     if qtype == Q6_K:  # ql[128] qh[64] scales[16] d
-        d = np.ascontiguousarray(b[:, :, 208:210]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
+        d = _f16_rows(b, 208)  # [R, nb]
         ql = np.ascontiguousarray(b[:, :, 0:128]).reshape(rows, -1)                            # [R, nb * 128]
         qh = np.ascontiguousarray(b[:, :, 128:192]).reshape(rows, -1)                          # [R, nb * 64]
         sc = np.ascontiguousarray(b[:, :, 192:208]).reshape(rows, -1)                          # [R, nb * 16] int8 bits
         return QMatrix(qtype, rows, cols, ql, qh, sc, d, np.zeros((rows, 0), np.float32), "rows")
-    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)   # [R, nb]
+    d = _f16_rows(b, 0)   # [R, nb]
     m = np.zeros((rows, 0), np.float32)
     qh = e8
     if qtype == Q4_1:
         qs = np.ascontiguousarray(b[:, :, 4:20]).reshape(rows, -1)                        # [R, nb * 16]
-        m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
+        m = _f16_rows(b, 2)  # [R, nb]
     elif qtype == Q4_0:
         qs = np.ascontiguousarray(b[:, :, 2:18]).reshape(rows, -1)                        # [R, nb * 16]
     elif qtype == Q5_0:
@@ -240,7 +246,7 @@ def _repack_rows(qtype: int, b: np.ndarray, rows: int, cols: int) -> QMatrix:
     elif qtype == Q5_1:  # d m qh[4] qs[16]
         qs = np.ascontiguousarray(b[:, :, 8:24]).reshape(rows, -1)                        # [R, nb * 16]
         qh = np.ascontiguousarray(b[:, :, 4:8]).reshape(rows, -1)                         # [R, nb * 4]
-        m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)  # [R, nb]
+        m = _f16_rows(b, 2)  # [R, nb]
     else:
         qs = np.ascontiguousarray(b[:, :, 2:34]).reshape(rows, -1)                        # [R, nb * 32] int8 bits
     return QMatrix(qtype, rows, cols, qs, qh, e8, d, m, "rows")

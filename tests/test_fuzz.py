@@ -4,10 +4,11 @@ fails with one EdgertError naming the problem -- never another exception, a hang
   targets: GGUF files (header, metadata, vocabulary arrays, tensor infos, truncation) through
            GGUFFile, the config, the tokenizer and Model loading; edgert packages (their recipe);
            device profiles (parsed TOML values and raw text); tokenizer input; CLI arguments;
-           ONNX exports (manifest values, block file bytes); run-model's .npy inputs;
+           ONNX exports (manifest values, block file bytes); run-model's .npy inputs; the block
+           bytes of every quantised type through repack, dequantisation and the products;
            probe transcripts (tests/test_deploy.py).
   CI:      a fixed-seed smoke (derandomized, EDGERT_FUZZ_EXAMPLES per target, default 40).
-  make fuzz: EDGERT_FUZZ_EXAMPLES=2000 over the nine targets here = 18,000 cases, plus the probe's.
+  make fuzz: EDGERT_FUZZ_EXAMPLES=2000 over the ten targets here = 20,000 cases, plus the probe's.
 Cases that once failed are pinned with @example (the regression corpus)."""
 from __future__ import annotations
 
@@ -350,3 +351,35 @@ def test_fuzz_run_model_inputs(tmp_path_factory, shape, dtype, name):
         run_model(path, [name + f], 1, 1)
     except EdgertError as e:
         assert str(e) and "\n" not in str(e)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_block_bytes_of_every_type(data):
+    """Arbitrary block bytes of every quantised type (scales NaN, infinite, subnormal; every quant
+    and high-bit pattern) in every layout the type has: dequantisation equals gguf-py's bit for bit
+    (NaN where it has NaN) and the product kernels read only the matrix (finite weights give finite
+    outputs), never out of bounds."""
+    import gguf
+    from edgert.kernels.isa import row_kernels
+    from edgert.kernels.matmul import ActBuffers, matmul
+    from edgert.kernels.quant import BLOCK, QTYPES, ROW_TYPES, dequantize, repack
+    qt = data.draw(st.sampled_from([q for q in QTYPES if q.block > 1]), label="type")
+    rows, cols = data.draw(st.integers(1, 9), label="rows"), 256 * data.draw(st.integers(1, 2), label="blocks")
+    epb, bpb = BLOCK[qt.id]
+    raw = np.frombuffer(data.draw(st.binary(min_size=rows * cols // epb * bpb, max_size=rows * cols // epb * bpb),
+                                  label="bytes"), np.uint8)
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType(qt.id)).astype(np.float32)
+    layouts = ["tiles"] + (["rows"] if qt.id in ROW_TYPES and row_kernels() else [])
+    x = np.ones((2, cols), np.float32)
+    for layout in layouts:
+        w = repack(qt.id, raw, rows, cols, layout)
+        got = dequantize(w)
+        same = (got.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(got) & np.isnan(ref))
+        assert same.all(), (qt.name, layout)
+        out = np.empty((2, rows), np.float32)
+        with np.errstate(all="ignore"):
+            matmul(w, x, out, ActBuffers(2, cols))
+        fine = np.isfinite(ref).all(1) & (np.abs(ref).max(1, initial=0) < 1e30)
+        assert np.isfinite(out[:, fine]).all(), (qt.name, layout)
