@@ -14,7 +14,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64
 export NUMBA_CACHE_DIR ?= $(CACHE)/numba
 PROMPT ?= The three most useful things to know about running language models on a phone are
 
-.PHONY: setup runtime litert run test test-nojit fuzz warmup models moe random-moe bench deploy-check clean
+.PHONY: setup runtime litert run test test-nojit fuzz warmup models moe random-moe bench deploy-check arm64-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -124,6 +124,14 @@ deploy-check: setup
 	$(BIN)/edgert deploy -m smollm2-135m --target $(ARM64_TARGET) --identity $(ARM64_KEY) \
 		--device qemu-arm64 --compare-host -o $(CACHE)/deploy/runs/deploy-check
 	$(BIN)/python deploy/ssh_faults.py $(ARM64_TARGET) $(ARM64_KEY)
+
+# the Arm NEON (sdot) kernels run on the same aarch64 userland (deploy/arm64_check.py; as root):
+# test_quant.py's kernel tests there against the naive references, then every row type's
+# products and SmolLM2's logits and greedy tokens there against this machine's, bit for bit
+arm64-check: setup
+	deploy/arm64-userland.sh start
+	$(BIN)/edgert pull smollm2-135m
+	$(BIN)/python deploy/arm64_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

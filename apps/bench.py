@@ -45,7 +45,7 @@ def build_parser():
     p.add_argument("--backend", default="numba", help="edgert backends of the dense blocks, comma-separated "
                    "(numba, onnx: the graphs of `edgert convert --to onnx`, exported once into EDGERT_CACHE/exports)")
     p.add_argument("--isa", default="auto", help="edgert kernel instruction sets to run, comma-separated "
-                   "(auto, avx512vnni, avx2, portable: kernels/isa.py); each row names the one it ran")
+                   "(auto, avx512vnni, avx2, neon-dotprod, portable: kernels/isa.py); each row names the one it ran")
     p.add_argument("--mode", default="exact", help="edgert kernel modes, comma-separated (exact, fast)")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="feed windows of this text's tokens (prompt and generation) instead of random ids "

@@ -13,7 +13,7 @@ KNOBS = {
     "EDGERT_DEVICE": ("", "default for --device (a device profile name or .toml path)"),
     "EDGERT_MEM_BUDGET": ("", "default for --mem-budget (e.g. 700MB, 1.5GB)"),
     "EDGERT_EXPAND_Q5": ("0", "1: hold Q5_0 matrices as 8-bit (1.5x their memory; little faster since the AVX2 kernels)"),
-    "EDGERT_ISA": ("auto", "instruction set of the kernels: auto, avx512vnni, avx2 or portable (kernels/isa.py)"),
+    "EDGERT_ISA": ("auto", "instruction set of the kernels: auto, avx512vnni, avx2, neon-dotprod or portable (kernels/isa.py)"),
     "EDGERT_MODE": ("exact", "exact (llama.cpp's float order, bit-identical logits) or fast (kernels/isa.py)"),
     "EDGERT_SIMD": ("1", "0: the same as EDGERT_ISA=portable (the older switch)"),
     "EDGERT_RELEASE_JIT": ("1", "0: keep the JIT compiler's pages resident after the kernels are loaded (edgert/residency.py)"),

@@ -17,6 +17,9 @@ from edgert.kernels import isa as _isa  # noqa: E402
 
 try:  # named by what the choice resolves to ("auto" and its ISA named alike share one cache)
     _choice = f"{_isa.current().name}-{_isa.mode()}"
+    _features = _isa.numba_features(_isa.current())
+    if _features:  # e.g. +dotprod under qemu-user, where LLVM sees a generic CPU
+        numba.config.CPU_FEATURES = _features
 except EdgertError:  # a bad choice: the error is raised where the kernels are first used
     _choice = "unresolved"
 numba.config.CACHE_DIR = os.path.join(_base, f"{_digest}-{_choice}")

@@ -42,8 +42,8 @@ ISAS = (
         "AVX2 kernels with the integer stage in VNNI (vpdpbusd on 256-bit vectors)"),
     ISA("avx2", X86, ("avx2", "fma"), "rows", True,
         "llama.cpp's AVX2 kernels transcribed to LLVM IR (pmaddubsw / pmaddwd)"),
-    ISA("neon-dotprod", ARM, ("neon", "dotprod"), "rows", False,
-        "Arm NEON with sdot (not built yet: Arm runs the portable kernels)"),
+    ISA("neon-dotprod", ARM, ("neon", "dotprod"), "rows", True,
+        "the same kernels with the integer stage in NEON sdot (ARMv8.2 dot product)"),
     ISA("portable", (), (), "tiles", True,
         "Numba float loops on a transposed tile layout (any CPU, and NUMBA_DISABLE_JIT)"),
 )
@@ -52,9 +52,51 @@ MODES = ("exact", "fast")
 
 
 def cpu_features() -> set[str]:
-    """LLVM's feature names the host CPU has (the ones Numba compiles for)."""
+    """LLVM's feature names the host CPU has (the ones Numba compiles for); on Arm also those the
+    kernel reports in the auxiliary vector (hwcap_features)."""
     from llvmlite import binding as llb
-    return {f[1:] for f in llb.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
+    try:
+        feats = {f[1:] for f in llb.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
+    except RuntimeError:  # LLVM could not read them (an Arm /proc/cpuinfo it does not know)
+        feats = set()
+    return feats | hwcap_features() if platform.machine() in ARM else feats
+
+
+# Linux / Android arm64 <asm/hwcap.h>: AT_HWCAP bit -> LLVM feature name
+_HWCAP = {1: "neon", 20: "dotprod"}
+_HWCAP2 = {13: "i8mm"}
+
+
+def hwcap_features() -> set[str]:
+    """Arm features from getauxval(AT_HWCAP / AT_HWCAP2): what the kernel (or qemu-user, whose
+    /proc/cpuinfo is the host's) says this CPU executes; empty where there is no getauxval."""
+    import ctypes
+    if platform.machine() not in ARM:
+        return set()
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return set()
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    hw, hw2 = getauxval(16), getauxval(26)
+    return {n for b, n in _HWCAP.items() if hw >> b & 1} | {n for b, n in _HWCAP2.items() if hw2 >> b & 1}
+
+
+def numba_features(isa: ISA) -> str | None:
+    """The CPU feature string Numba must compile isa's kernels with when LLVM's own view of the
+    host lacks their features (under qemu-user LLVM sees a `generic` CPU), else None: Numba's
+    default. NUMBA_CPU_FEATURES, if set, is left to the user."""
+    import os
+    from llvmlite import binding as llb
+    if os.environ.get("NUMBA_CPU_FEATURES") or isa.name == "portable":
+        return None
+    try:
+        host = llb.get_host_cpu_features().flatten()
+    except RuntimeError:
+        host = ""
+    have = {f[1:] for f in host.split(",") if f.startswith("+")}
+    missing = [f for f in isa.features if f not in have]
+    return ",".join([f for f in host.split(",") if f] + [f"+{f}" for f in missing]) if missing else None
 
 
 def supported(isa: ISA, machine: str | None = None, features: set[str] | None = None) -> bool:
@@ -118,5 +160,5 @@ def describe() -> str:
 
 
 def row_kernels() -> bool:
-    """Whether matrices are held in the row layout of kernels/simd.py (an x86 ISA chosen)."""
+    """Whether matrices are held in the row layout of kernels/simd.py (an x86 or Arm ISA chosen)."""
     return current().layout == "rows"

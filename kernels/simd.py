@@ -1,5 +1,6 @@
 """Integer dot products of GGUF weight rows (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants) with 8-bit
-activations, written as LLVM IR for x86 (AVX2; AVX-512 VNNI) and called from Numba kernels.
+activations, written as LLVM IR for x86 (AVX2; AVX-512 VNNI) and Arm (NEON with sdot), and
+called from Numba kernels.
 
 Why IR: Numba does not emit vpmaddubsw / vpmaddwd / vpdpbusd from Python loops (an int8 row dot
 product stays scalar). Each routine is llama.cpp's AVX2 `ggml_vec_dot_*` (or its repacked
@@ -7,8 +8,10 @@ gemv / gemm, where llama.cpp takes that path) transcribed, in two stages (kernel
 
 - the integer stage: a block's 32 weights as bytes, multiplied with the activation's bytes and
   summed in groups of four into eight int32 lanes (AVX2: vpmaddubsw then vpmaddwd; VNNI: one
-  vpdpbusd). The sums are exact either way (no pair can saturate 16 bits: |w| <= 128, |x| <= 127),
-  so both ISAs give the same integers;
+  vpdpbusd; NEON: sdot on each 16-byte half, the signed weights as they are, without AVX2's
+  sign trick). The sums are exact every way (no pair can saturate 16 bits: |w| <= 128,
+  |x| <= 127), so every ISA gives the same integers and, the float stage being the same IR,
+  the same floats: the NEON kernels give the x86 `exact` kernels' results bit for bit;
 - the float stage: the lanes converted, scaled by the block scales, accumulated and summed in
   llama.cpp's order (`exact`), so a row's result equals llama.cpp's bit for bit; `fast` mode
   takes a cheaper order where one exists (K-quants: one accumulation per super-block for every
@@ -52,20 +55,38 @@ from edgert.kernels.quant import G8, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q
 LLVM_MIN = (19,)  # splat constants and opaque pointers in the IR below
 if tuple(llb.llvm_version_info) < LLVM_MIN and _isa.current().layout == "rows":
     from edgert.errors import EdgertError
-    raise EdgertError(f"the x86 kernels need LLVM {LLVM_MIN[0]} or newer (numba >= 0.68); this llvmlite has "
+    raise EdgertError(f"the row-layout kernels need LLVM {LLVM_MIN[0]} or newer (numba >= 0.68); this llvmlite has "
                       f"LLVM {'.'.join(map(str, llb.llvm_version_info))}: upgrade numba, or EDGERT_ISA=portable")
 ISA = _isa.current() if _isa.current().layout == "rows" else _isa.BY_NAME["avx2"]  # IR for rows
 FAST = _isa.mode() == "fast"
 
-DECLS = """
-declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
-declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
-declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
+GENERIC_DECLS = """
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare <4 x float> @llvm.fma.v4f32(<4 x float>, <4 x float>, <4 x float>)
 declare float @llvm.fma.f32(float, float, float)
 declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
 """
+X86_DECLS = """
+declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
+declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
+declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
+"""
+NEON_DECLS = """
+declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
+"""
+
+
+def neon(isa) -> bool:
+    return isa.name == "neon-dotprod"
+
+
+def decls(isa) -> str:
+    """The intrinsics a routine for isa may call."""
+    if neon(isa):
+        return GENERIC_DECLS + NEON_DECLS
+    return GENERIC_DECLS + X86_DECLS + (vnni_decl() if isa.name == "avx512vnni" else "")
+
+
 SEQ32 = "<" + ", ".join(f"i32 {i}" for i in range(32)) + ">"
 HEADER = """
 define void @{name}(i64 %qs_a, i64 %qh_a, i64 %sc_a, i64 %d_a, i64 %m_a, i64 %x_a, i64 %xd_a, i64 %xs_a,
@@ -106,7 +127,10 @@ def vnni_decl() -> str:
 def idot(isa, out: str, u: str, s: str, scale16: str = "splat (i16 1)") -> str:
     """IR defining %out (<8 x i32>): lane i = sum over j < 4 of u[4i + j] * s[4i + j], u unsigned
     and s signed bytes (<32 x i8> values %u, %s); with scale16 (a <16 x i16> holding one scale
-    per pair of 16-bit lanes) each lane times its scale. Exact in both ISAs."""
+    per pair of 16-bit lanes) each lane times its scale. Exact in every ISA (NEON: u < 128, which
+    every caller's unsigned quants are, so sdot's signed bytes read them unchanged)."""
+    if neon(isa):
+        return _sdot(out, u, s, scale16)
     if isa.name == "avx512vnni" and scale16 == "splat (i16 1)":
         if _vnni_bytes():
             return f"  %{out} = call <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32> zeroinitializer, <32 x i8> %{u}, <32 x i8> %{s})\n"
@@ -115,6 +139,48 @@ def idot(isa, out: str, u: str, s: str, scale16: str = "splat (i16 1)") -> str:
                 f"  %{out} = call <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32> zeroinitializer, <8 x i32> %{out}_u, <8 x i32> %{out}_s)\n")
     return (f"  %{out}_p = call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> %{u}, <32 x i8> %{s})\n"
             f"  %{out} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %{out}_p, <16 x i16> {scale16})\n")
+
+
+_HALF = ("<16 x i32> <" + ", ".join(f"i32 {i}" for i in range(16)) + ">",
+         "<16 x i32> <" + ", ".join(f"i32 {i}" for i in range(16, 32)) + ">")
+_EVEN8 = "<8 x i32> <" + ", ".join(f"i32 {2 * i}" for i in range(8)) + ">"
+
+
+def _sdot(out: str, a: str, b: str, scale16: str = "splat (i16 1)") -> str:
+    """NEON: %out (<8 x i32>) = lane i the sum of a[4i + j] * b[4i + j] (signed bytes), two sdot
+    on the halves of the <32 x i8> values; with scale16 each lane times the scale of its pair of
+    16-bit lanes (x86's pmaddwd on the pair sums gives the same integers)."""
+    r = ""
+    for h in range(2):
+        r += (f"  %{out}_a{h} = shufflevector <32 x i8> %{a}, <32 x i8> poison, {_HALF[h]}\n"
+              f"  %{out}_b{h} = shufflevector <32 x i8> %{b}, <32 x i8> poison, {_HALF[h]}\n"
+              f"  %{out}_d{h} = call <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32> zeroinitializer, "
+              f"<16 x i8> %{out}_a{h}, <16 x i8> %{out}_b{h})\n")
+    cat = "<8 x i32> <" + ", ".join(f"i32 {i}" for i in range(8)) + ">"
+    if scale16 == "splat (i16 1)":
+        return r + f"  %{out} = shufflevector <4 x i32> %{out}_d0, <4 x i32> %{out}_d1, {cat}\n"
+    return r + (f"  %{out}_c = shufflevector <4 x i32> %{out}_d0, <4 x i32> %{out}_d1, {cat}\n"
+                + _scale_lanes(f"{out}_c", scale16, out))
+
+
+def _scale_lanes(v: str, scale16: str, out: str) -> str:
+    """IR: %out = <8 x i32> %v, lane i times lane 2i of the <16 x i16> scale16 (a value or constant)."""
+    return (f"  %{out}_s16 = shufflevector <16 x i16> {scale16}, <16 x i16> poison, {_EVEN8}\n"
+            f"  %{out}_s32 = sext <8 x i16> %{out}_s16 to <8 x i32>\n"
+            f"  %{out} = mul <8 x i32> %{v}, %{out}_s32\n")
+
+
+def pmaddwd(isa, out: str, a: str, b: str) -> str:
+    """IR: %out (<8 x i32>) = lane i: a[2i] * b[2i] + a[2i + 1] * b[2i + 1] of <16 x i16> values
+    (x86's pmaddwd; elsewhere widened products and a pairwise sum: the same integers)."""
+    if not neon(isa):
+        return f"  %{out} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %{a}, <16 x i16> %{b})\n"
+    return (f"  %{out}_a = sext <16 x i16> %{a} to <16 x i32>\n"
+            f"  %{out}_b = sext <16 x i16> %{b} to <16 x i32>\n"
+            f"  %{out}_p = mul <16 x i32> %{out}_a, %{out}_b\n"
+            + _pairsum(f"{out}_p", f"{out}_p", f"{out}_q", 16)
+            + f"  %{out} = shufflevector <16 x i32> %{out}_q, <16 x i32> poison, "
+            "<8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>\n")
 
 
 def hsum8(v: str, out: str) -> str:
@@ -221,7 +287,8 @@ def legacy_ir(qtype: int, nt: int, isa) -> str:
     phis, body, exit_ = [], [], []
     body.append("  %b4 = shl i64 %b, 2\n  %b16 = shl i64 %b, 4\n  %b32 = shl i64 %b, 5\n")
     body.append(_UNPACK[qtype].format(seq32=SEQ32))
-    body.append("  %ax = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %wx, <32 x i8> %wx)\n" if signed else
+    psign = signed and not neon(isa)  # NEON: sdot multiplies signed bytes as they are
+    body.append("  %ax = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %wx, <32 x i8> %wx)\n" if psign else
                 "  %ax = or <32 x i8> %wx, zeroinitializer\n")
     body.append("  %dwp = getelementptr inbounds float, ptr %d, i64 %b\n  %dw = load float, ptr %dwp, align 4\n")
     if not signed:
@@ -230,7 +297,7 @@ def legacy_ir(qtype: int, nt: int, isa) -> str:
         phis.append(f"  %acc{t} = phi <8 x float> [zeroinitializer, %entry], [%acc{t}n, %loop]")
         body.append(token_ptrs(t, "b32", "b", "b"))
         body.append(f"  %xv{t} = load <32 x i8>, ptr %xb{t}, align 1\n")
-        body.append(f"  %sy{t} = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %xv{t}, <32 x i8> %wx)\n" if signed else
+        body.append(f"  %sy{t} = call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> %xv{t}, <32 x i8> %wx)\n" if psign else
                     f"  %sy{t} = or <32 x i8> %xv{t}, zeroinitializer\n")
         body.append(idot(isa, f"p{t}", "ax", f"sy{t}"))
         body.append(f"  %qf{t} = sitofp <8 x i32> %p{t} to <8 x float>\n  %dd{t} = fmul float %dw, %dx{t}\n")
@@ -245,7 +312,7 @@ def legacy_ir(qtype: int, nt: int, isa) -> str:
                         f"  %sm{t}n = call float @llvm.fma.f32(float %mw, float %xsv{t}, float %sm{t})\n")
             exit_.append(f"  %r{t} = fadd float %h{t}, %sm{t}n\n")
         exit_.append(store(t, f"r{t}"))
-    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q{qtype}_nt{nt}_{isa.name}")
+    return (decls(isa) + HEADER.format(name=f"edgert_q{qtype}_nt{nt}_{isa.name}")
             + _loop(phis, "".join(body), "".join(exit_)))
 
 
@@ -359,7 +426,7 @@ def q4k_ir(nt: int, gemm: bool, isa) -> str:
         exit_.append("  %rv = fsub <4 x float> %accn, %accmn\n")
         for t in range(nt):
             exit_.append(f"  %r{t} = extractelement <4 x float> %rv, i64 {t}\n" + store(t, f"r{t}"))
-    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q4k_nt{nt}_{'gemm' if gemm else 'gemv'}_{isa.name}")
+    return (decls(isa) + HEADER.format(name=f"edgert_q4k_nt{nt}_{'gemm' if gemm else 'gemv'}_{isa.name}")
             + _loop(phis, "".join(body), "".join(exit_)))
 
 
@@ -437,7 +504,7 @@ def q4k_gemv8_ir(isa) -> str:
   %accmn = call <8 x float> @llvm.fma.v8f32(<8 x float> %Mf, <8 x float> %dm8, <8 x float> %accm)
 """)
     exit_ = "  %rv = fsub <8 x float> %accn, %accmn\n  store <8 x float> %rv, ptr %out, align 4\n"
-    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q4k_gemv8_{isa.name}")
+    return (decls(isa) + HEADER.format(name=f"edgert_q4k_gemv8_{isa.name}")
             + _loop(phis, "".join(body), exit_))
 
 
@@ -500,7 +567,7 @@ def q4k_gemm8_ir(isa) -> str:
   %op{t} = getelementptr inbounds float, ptr %out, i64 %oo{t}
   store <8 x float> %rv{t}, ptr %op{t}, align 4
 """ for t in T)
-    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q4k_gemm8_{isa.name}")
+    return (decls(isa) + HEADER.format(name=f"edgert_q4k_gemm8_{isa.name}")
             + _loop(phis, "".join(body), exit_))
 
 
@@ -558,14 +625,13 @@ def q6k_ir(nt: int, tiled: bool, isa) -> str:
         body.append(token_ptrs(t, "b256", "b", "b16"))
         body.append(f"""  %bsf{t} = load <16 x float>, ptr %xsp{t}, align 4
   %bs16{t} = fptosi <16 x float> %bsf{t} to <16 x i16>
-  %subm{t} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %bs16{t}, <16 x i16> %sc16)
-  %sub{t} = shl <8 x i32> %subm{t}, splat (i32 5)
+""" + pmaddwd(isa, f"subm{t}", f"bs16{t}", "sc16") + f"""  %sub{t} = shl <8 x i32> %subm{t}, splat (i32 5)
 """)
         for j in range(2):
             for k in range(4):
                 body.append(f"  %xp{t}{j}{k} = getelementptr inbounds i8, ptr %xb{t}, i64 {128 * j + 32 * k}\n"
                             f"  %x{t}{j}{k} = load <32 x i8>, ptr %xp{t}{j}{k}, align 1\n")
-                body.append(idot(_isa.BY_NAME["avx2"], f"m{t}{j}{k}", f"w{j}{k}", f"x{t}{j}{k}", f"%s{j}{k}"))
+                body.append(idot(isa, f"m{t}{j}{k}", f"w{j}{k}", f"x{t}{j}{k}", f"%s{j}{k}"))
         body.append(f"""  %ta{t} = add <8 x i32> %m{t}00, %m{t}01
   %tb{t} = add <8 x i32> %m{t}02, %m{t}03
   %tc{t} = add <8 x i32> %m{t}10, %m{t}11
@@ -587,7 +653,7 @@ def q6k_ir(nt: int, tiled: bool, isa) -> str:
                         + f"  %sf{t} = sitofp <8 x i32> %sumi{t} to <8 x float>\n"
                         f"  %acc{t}n = call <8 x float> @llvm.fma.v8f32(<8 x float> %ddv{t}, <8 x float> %sf{t}, <8 x float> %acc{t})\n")
             exit_.append(hsum8(f"acc{t}n", f"h{t}") + store(t, f"h{t}"))
-    return (DECLS + vnni_decl() + HEADER.format(name=f"edgert_q6k_nt{nt}_{'tiled' if tiled else 'vec'}_{isa.name}")
+    return (decls(isa) + HEADER.format(name=f"edgert_q6k_nt{nt}_{'tiled' if tiled else 'vec'}_{isa.name}")
             + _loop(phis, "".join(body), "".join(exit_)))
 
 
@@ -597,7 +663,7 @@ def _rep16(i: int, j: int | None = None) -> str:
     return "<16 x i32> <" + ", ".join([f"i32 {i}"] * 8 + [f"i32 {j}"] * 8) + ">"
 
 
-def lowk_ir(qtype: int, nt: int, tiled: bool) -> str:
+def lowk_ir(qtype: int, nt: int, tiled: bool, isa=None) -> str:
     """Q2_K, Q3_K and Q5_K per super-block as llama.cpp computes them on AVX2: vec_dot
     (ggml_vec_dot_q{2,3,5}_K_q8_K: eight int32 lanes, lane L over bytes 4L..4L+3 of each
     32-element group, times the sub-block's scale; Q2_K first fma(-dx * dmin, mins . bsums per lane
@@ -607,7 +673,7 @@ def lowk_ir(qtype: int, nt: int, tiled: bool) -> str:
     its tiled kernel (S the super-block's integer total, M the minimums' one:
     res = fma(-dmin, M, d * S), acc = fma(res, dx, acc)). Row layout: quants and high bits as in
     GGUF, scales unpacked as kernels/quant.py's tiles (Q3_K unsigned, 32 too high)."""
-    avx2 = _isa.BY_NAME["avx2"]
+    isa = isa or ISA
     has_min = qtype != Q3_K
     phis, body, exit_ = [], [], []
     body.append("""  %b256 = shl i64 %b, 8
@@ -693,8 +759,7 @@ def lowk_ir(qtype: int, nt: int, tiled: bool) -> str:
         if qtype == Q2_K:  # lane L: mins 2L, 2L + 1 times the activation's sums over 16
             body.append(f"""  %bsf{t} = load <16 x float>, ptr %xsp{t}, align 4
   %bs16{t} = fptosi <16 x float> %bsf{t} to <16 x i16>
-  %prod{t} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %mn16, <16 x i16> %bs16{t})
-""")
+""" + pmaddwd(isa, f"prod{t}", "mn16", f"bs16{t}"))
         elif qtype == Q5_K:  # M = mins . sums over 32
             body.append(f"""  %bsf{t} = load <8 x float>, ptr %xsp{t}, align 4
   %bs32{t} = fptosi <8 x float> %bsf{t} to <8 x i32>
@@ -707,13 +772,16 @@ def lowk_ir(qtype: int, nt: int, tiled: bool) -> str:
             n = f"{t}{key[0]}{key[1]}"
             body.append(f"  %xp{n} = getelementptr inbounds i8, ptr %xb{t}, i64 {off}\n"
                         f"  %x{n} = load <32 x i8>, ptr %xp{n}, align 1\n")
-            if qtype == Q3_K:
+            if qtype == Q3_K and neon(isa):  # (w - h) . x as two sdot: the same integers
+                body.append(_sdot(f"pa{n}", w[key], f"x{n}") + _sdot(f"pb{n}", f"h{key[0]}{key[1]}", f"x{n}")
+                            + f"  %pd{n} = sub <8 x i32> %pa{n}, %pb{n}\n" + _scale_lanes(f"pd{n}", scale[key], f"m{n}"))
+            elif qtype == Q3_K:
                 body.append(f"  %pa{n} = call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> %{w[key]}, <32 x i8> %x{n})\n"
                             f"  %pb{n} = call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> %h{key[0]}{key[1]}, <32 x i8> %x{n})\n"
                             f"  %pd{n} = sub <16 x i16> %pa{n}, %pb{n}\n"
                             f"  %m{n} = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %pd{n}, <16 x i16> {scale[key]})\n")
             else:
-                body.append(idot(avx2, f"m{n}", w[key], f"x{n}", scale[key]))
+                body.append(idot(isa, f"m{n}", w[key], f"x{n}", scale[key]))
             parts.append(f"m{n}")
         while len(parts) > 1:  # exact integer sums: any order
             nxt = []
@@ -754,7 +822,7 @@ def lowk_ir(qtype: int, nt: int, tiled: bool) -> str:
         else:
             exit_.append(hsum8(f"acc{t}n", f"h{t}") + store(t, f"h{t}"))
     name = f"edgert_{QTYPE[qtype].name.lower()}_nt{nt}_{'tiled' if tiled else 'vec'}"
-    return DECLS + HEADER.format(name=name) + _loop(phis, "".join(body), "".join(exit_))
+    return decls(isa) + HEADER.format(name=name) + _loop(phis, "".join(body), "".join(exit_))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -769,7 +837,7 @@ def ir_text(qtype: int, nt: int, kmode: int = 0, isa=None) -> str:
     if qtype == Q6_K:
         return q6k_ir(nt, bool(kmode), isa)
     if qtype in (Q2_K, Q3_K, Q5_K):
-        return lowk_ir(qtype, nt, bool(kmode))
+        return lowk_ir(qtype, nt, bool(kmode), isa)
     return legacy_ir(qtype, nt, isa)
 
 
