@@ -71,7 +71,8 @@ warmup: setup
 	$(BIN)/edgert warmup
 
 # pydocs-moe: the mixture of experts trained here (about 25 minutes on 2 cores, once), with the
-# torch extra; its held-out text lands beside it (pydocs-heldout.txt)
+# torch extra; its held-out text lands beside it (pydocs-heldout.txt), and calibration text
+# from its training files (pydocs-calib.txt)
 MODELS := $(CACHE)/models
 moe: $(MODELS)/pydocs-moe.gguf
 $(MODELS)/pydocs-moe.gguf: | setup

@@ -1,5 +1,6 @@
-"""edgert convert: a GGUF model -> an edgert package (neuron clusters, thresholds, predictors), or
-(--to onnx) its dense blocks as ONNX graphs for --backend onnx (docs/backends.md)."""
+"""edgert convert: a GGUF model -> an edgert package (neuron clusters, thresholds, predictors; for
+a mixture of experts, every expert at its own calibrated bit width), or (--to onnx) its dense
+blocks as ONNX graphs for --backend onnx (docs/backends.md)."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens")
     p.add_argument("--device", default=None, help="device profile the package is made for: recorded in the "
                                                   "recipe; its big + mid cores set the threads")
+    p.add_argument("--expert-types", default="Q2_K,Q3_K,Q4_K,Q8_0",
+                   help="mixture of experts: the ggml types an expert may get (docs/experts.md)")
+    p.add_argument("--expert-size", type=float, default=0.65,
+                   help="mixture of experts: expected expert bytes read per token, as a fraction of every "
+                        "expert at Q4_K; the bit widths are chosen by calibrated sensitivity under it")
+    p.add_argument("--uniform-experts", default=None, metavar="TYPE",
+                   help="mixture of experts: every expert at this one type instead (the baseline)")
     p.add_argument("-t", "--threads", type=int, default=None)
     return p
 
@@ -74,6 +82,16 @@ def export_onnx(src: str, args) -> int:
     err(f"convert: wrote {args.output} ({size / 2**20:.1f} MiB): embedding, {m['n_layer']} attention blocks, "
         f"{n_ffn} FFN graphs, LM head; activations {m['activations']}")
     return 0
+
+
+def _is_moe(path: str) -> bool:
+    from edgert.config import config_from_gguf
+    from edgert.gguf_file import GGUFFile
+    g = GGUFFile(path)
+    try:
+        return config_from_gguf(g).moe
+    finally:
+        g.close()
 
 
 def main(argv) -> int:
@@ -119,6 +137,18 @@ def main(argv) -> int:
                                unit_scale=stage == "write", leave=True)
         b = bars[stage]
         b.update(n - b.n)
+    if _is_moe(src):
+        from edgert.converters.expert_bits import convert_experts
+        recipe = convert_experts(src, args.output, text, name, types=[t for t in args.expert_types.split(",") if t],
+                                 size=args.expert_size, uniform=args.uniform_experts,
+                                 calib_tokens=max(args.calib_tokens, 512), progress=progress)
+        for b in bars.values():
+            b.close()
+        err(f"convert: wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB): experts "
+            f"{recipe['expert_types']}, expected expert reads {recipe['expert_bytes_read_per_token'] / 2**20:.2f} MiB "
+            f"a token ({recipe['expert_bytes_read_per_token'] / recipe['expert_bytes_read_per_token_reference']:.0%} "
+            f"of uniform Q4_K), calibrated on {recipe['calib_tokens']} tokens of {recipe['calib_name']}")
+        return 0
     recipe = convert(src, args.output, text, name, sparsity=args.sparsity, levels=levels, rank=args.rank, device=args.device,
                      recall=args.recall, down_type=args.down_type, cluster=args.cluster, calib_tokens=args.calib_tokens, progress=progress)
     for b in bars.values():

@@ -168,9 +168,12 @@ def _copy_metadata(src_path: str, writer):
         writer.add_key_value(field.name, field.contents(), vt, sub_type=sub)
 
 
-def write_package(out_path: str, src, arch: str, recipe: dict, levels, extra: dict, progress=None):
-    """Write the package: every tensor of GGUFFile `src` unchanged, then `extra` {name: array},
-    with sha256s, to a temporary file beside out_path, then rename over it."""
+def write_package(out_path: str, src, arch: str, recipe: dict, levels, extra: dict, progress=None,
+                  drop=(), blocks=None):
+    """Write the package: every tensor of GGUFFile `src` unchanged except those named in `drop`,
+    then `blocks` {name: (GGUF blocks as uint8, ggml type, GGUF shape)} and `extra` {name: array},
+    with sha256s, to a temporary file beside out_path, then rename over it. levels: the sparsity
+    levels (none for an expert package)."""
     import gguf
     d = os.path.dirname(os.path.abspath(out_path)) or "."
     fd, tmp = tempfile.mkstemp(prefix=".edgert-convert-", suffix=".tmp", dir=d)
@@ -188,11 +191,15 @@ def write_package(out_path: str, src, arch: str, recipe: dict, levels, extra: di
                 w.add_uint64(f"edgert.recipe.{k}", int(v))
             else:
                 w.add_float32(f"edgert.recipe.{k}", float(v))
-        w.add_array("edgert.sparsity_levels", [float(s) for s in levels])
+        if levels:
+            w.add_array("edgert.sparsity_levels", [float(s) for s in levels])
         items = []  # (name, bytes view, shape for the tensor info, dtype, raw qtype)
         for name, t in src.tensors.items():
-            raw = src.raw(name)
-            items.append((name, raw, raw.shape, np.uint8, gguf.GGMLQuantizationType(t.qtype), t.shape))
+            if name not in drop:
+                raw = src.raw(name)
+                items.append((name, raw, raw.shape, np.uint8, gguf.GGMLQuantizationType(t.qtype), t.shape))
+        for name, (raw, qt, gshape) in (blocks or {}).items():
+            items.append((name, raw, raw.shape, np.uint8, gguf.GGMLQuantizationType(qt), tuple(gshape)))
         for name, a in extra.items():
             items.append((name, a, a.shape, a.dtype, None, None))
         for name, a, *_ in items:

@@ -54,6 +54,13 @@ def corpus_files(doc_dir: Path) -> tuple[list[Path], list[Path]]:
     return [f for i, f in enumerate(files) if i % 10], [f for i, f in enumerate(files) if i % 10 == 0]
 
 
+def calib_file(train_texts: list[str], path: Path, every: int = 20) -> Path:
+    """Calibration text for edgert convert (per-expert bit widths): every 20th training file, so
+    that no held-out text is calibrated on."""
+    path.write_text("\n\n".join(train_texts[::every]), encoding="utf-8")
+    return path
+
+
 def fetch_corpus(work: Path) -> Path:
     """Debian's python3.11-doc, downloaded and unpacked under work (apt-get download)."""
     root = work / "python3.11-doc"
@@ -255,6 +262,7 @@ def main(argv=None):
     heldout = a.out.parent / "pydocs-heldout.txt"
     heldout.parent.mkdir(parents=True, exist_ok=True)
     heldout.write_text("\n\n".join(held_texts), encoding="utf-8")
+    calib_file(train_texts, a.out.parent / "pydocs-calib.txt")
     tok = train_tokenizer(train_texts, s.n_vocab)
     eot = tok.token_to_id("<|endoftext|>")
     ids = []

@@ -55,7 +55,7 @@ def llama_tensors(path: str, tokens, n_ctx: int = 512, threads: int = 2) -> dict
             got[lib.ggml_get_name(t).decode()] = a.reshape(ne[::-1]).squeeze()
         return True
 
-    _quiet(llama_cpp)
+    quiet_llama(llama_cpp)
     model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
     if not model:
         raise EdgertError(f"{path}: llama.cpp could not load the model")
@@ -78,7 +78,7 @@ def llama_tensors(path: str, tokens, n_ctx: int = 512, threads: int = 2) -> dict
 _SILENT = []
 
 
-def _quiet(llama_cpp):
+def quiet_llama(llama_cpp):
     """Route llama.cpp's log lines to nowhere (they would go to stderr)."""
     if not _SILENT:
         _SILENT.append(llama_cpp.llama_log_callback(lambda level, text, user: None))

@@ -199,7 +199,8 @@ class Model:
         if self.export_dir is not None:
             from edgert.converters.onnx_export import check_against
             check_against(self.manifest, c, self.export_dir)
-        self.pkg = open_package(g) if is_package(g) else None
+        self.package = open_package(g) if is_package(g) else None   # any kind: its checksums verified
+        self.pkg = self.package if self.package is not None and self.package.kind == "neurons" else None
         self.kv_fmt = kv or KVFormat()
         if residency.enabled():  # the kernels it needs first, then the compiler's pages out, then the weights
             qtypes = {t.qtype for n, t in g.tensors.items() if len(t.shape) > 1 and not _role(n) == "package"}
@@ -229,7 +230,7 @@ class Model:
         self.reader = None  # the runtime's FlashReader (O_DIRECT): streamed / cached FFN, embedding rows
         if pl.ffn != "dense" or pl.embd == "flash" or pl.output == "flash":
             self.reader = FlashReader(self.path, direct=True, io_threads=8, throttle=throttle, tracer=tracer)
-        if self.pkg is not None and verify:
+        if self.package is not None and verify:
             verify_once(g, reader=g.reader)
         self.stats = StoreStats()
         t_read = time.perf_counter()

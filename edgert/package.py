@@ -1,5 +1,9 @@
 """The edgert package: one GGUF file (`*.edgert.gguf`, 4 KiB alignment) holding the source model's
-metadata and tensors unchanged plus, per layer, the FFN as neuron clusters and a gate predictor.
+metadata and tensors unchanged plus, per layer, the FFN as neuron clusters and a gate predictor
+(kind "neurons", below), or, for a mixture of experts, each expert as its own tensors at its own
+ggml type (kind "experts": converters/expert_bits.py; edgert.recipe.kind = "experts",
+edgert.recipe.expert_types the count of experts per type, the stacked `blk.N.ffn_*_exps.weight`
+replaced by `blk.N.ffn_*_exps.E.weight`, every tensor's sha256 as below).
 
 Metadata (all under `edgert.`):
     edgert.magic = "edgert", edgert.format_version = FORMAT_VERSION
@@ -123,6 +127,7 @@ class PackageInfo:
     C: int
     rank: int
     down_type: int = 8
+    kind: str = "neurons"   # "neurons" (the FFN as clusters) or "experts" (per-expert bit widths)
 
     def level_index(self, sparsity: float) -> int:
         for i, s in enumerate(self.levels):
@@ -142,6 +147,14 @@ def open_package(g) -> PackageInfo:
         raise EdgertError(f"{p}: package format version {v}, this edgert reads version {FORMAT_VERSION}: "
                           f"convert the source model again with this edgert")
     recipe = {k[len("edgert.recipe."):]: g.metadata[k] for k in g.metadata if k.startswith("edgert.recipe.")}
+    kind = recipe.get("kind", "neurons")
+    if kind == "experts":  # per-expert tensors: their presence, shapes and types checked by experts.expert_matrices
+        for k in ("source_sha256", "converter_version", "expert_types"):
+            if k not in recipe:
+                raise EdgertError(f"{p}: package recipe lacks '{k}'")
+        return PackageInfo(p, recipe, [], 0, 0, kind="experts")
+    if kind != "neurons":
+        raise EdgertError(f"{p}: package kind {kind!r} (this edgert reads neurons, experts)")
     for k in ("source_sha256", "converter_version", "cluster_neurons", "predictor_rank", "sparsity"):
         if k not in recipe:
             raise EdgertError(f"{p}: package recipe lacks '{k}'")

@@ -8,6 +8,8 @@ import os
 import numpy as np
 import llama_cpp
 
+from edgert.converters.quantize import quantize_rows
+
 _LIB = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
 _base = ctypes.CDLL(os.path.join(_LIB, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
 _cpu = ctypes.CDLL(os.path.join(_LIB, "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
@@ -23,20 +25,9 @@ class _Traits(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
 
 _cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_Traits)
 _cpu.ggml_cpu_init()
-_base.ggml_quantize_chunk.restype = ctypes.c_size_t
-_base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                      ctypes.c_int64, ctypes.c_void_p]
 _base.ggml_row_size.restype = ctypes.c_size_t
 _base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-
-
-def quantize(qtype: int, w: np.ndarray) -> np.ndarray:
-    """float32 [R, C] -> GGUF blocks (uint8, R * row bytes), llama.cpp's quantiser."""
-    w = np.ascontiguousarray(w, np.float32)
-    R, C = w.shape
-    out = np.zeros(R * _base.ggml_row_size(qtype, C), np.uint8)
-    assert _base.ggml_quantize_chunk(qtype, w.ctypes.data, out.ctypes.data, 0, R, C, None) == out.size
-    return out
+quantize = quantize_rows  # float32 [R, C] -> GGUF blocks, llama.cpp's quantiser
 
 
 def vec_dots(qtype: int, raw: np.ndarray, R: int, C: int, x: np.ndarray) -> np.ndarray:

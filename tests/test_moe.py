@@ -216,3 +216,127 @@ def test_moe_bad_input(tmp_path):
         Model(without("t.gguf", "blk.1.ffn_up_exps.weight"))
     with pytest.raises(EdgertError, match="missing tensor 'blk.0.ffn_gate_inp.weight'"):
         Model(without("r.gguf", "blk.0.ffn_gate_inp.weight"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-expert bit widths (converters/expert_bits.py): the expert package
+# ---------------------------------------------------------------------------------------------
+
+CALIB = ("def f(x):\n    return x + 1\n\nThe quick brown fox jumps over the lazy dog. " * 200)
+
+
+@pytest.fixture(scope="module")
+def f16_moe(tmp_path_factory):
+    """A tiny llama-layout MoE with every matrix F16: the float source a converter starts from."""
+    from edgert.converters.tiny import write_tiny_gguf
+    return write_tiny_gguf(str(tmp_path_factory.mktemp("f16moe") / "m.gguf"), "llama", n_layer=3,
+                           types={k: 1 for k in ALL}, n_expert=8)
+
+
+@pytest.mark.llama
+def test_expert_package_at_one_type_gives_llama_quantisers_file_bit_for_bit(f16_moe, tmp_path):
+    """Every expert at Q8_0 as its own tensors: the same blocks llama.cpp's quantiser writes in its
+    stacked tensors (ggml_quantize_chunk either way), so the package's logits, prefill and decode,
+    and streamed from flash, equal those of llama.cpp's own Q8_0 file bit for bit."""
+    from edgert.converters.expert_bits import convert_experts
+    from edgert.converters.quantize import quantize
+    ref_path = quantize(f16_moe, str(tmp_path / "q8.gguf"), "Q8_0")
+    pkg = str(tmp_path / "u8.edgert.gguf")
+    recipe = convert_experts(f16_moe, pkg, CALIB, "calib", uniform="Q8_0", calib_tokens=512, window=256)
+    assert recipe["expert_types"] == "Q8_0:24" and recipe["kind"] == "experts"
+    toks = np.random.default_rng(4).integers(3, 320, 20)
+    ref, _ = _run(ref_path, toks)
+    got, m = _run(pkg, toks)
+    assert m.package.kind == "experts" and m.pkg is None
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    streamed, _ = _run(pkg, toks, ffn="cached", cache_slots=2, direct_io=True)
+    assert np.array_equal(streamed.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.llama
+def test_mixed_expert_bits_meet_the_size_target_and_follow_the_costs(f16_moe, tmp_path):
+    """--expert-size 0.65: the experts get several types, the expected bytes read per token stay
+    within 65% of uniform Q4_K's, each per-expert tensor has the type the recipe counts, and the
+    sensitivity cost is no higher than uniform Q2_K's (the cheapest start); the package runs."""
+    from edgert.converters.expert_bits import convert_experts
+    from edgert.gguf_file import GGUFFile
+    from edgert.kernels.quant import TYPE_NAMES
+    pkg = str(tmp_path / "mix.edgert.gguf")
+    r = convert_experts(f16_moe, pkg, CALIB, "calib", size=0.65, calib_tokens=512, window=256)
+    counts = dict(kv.split(":") for kv in r["expert_types"].split(","))
+    assert sum(int(v) for v in counts.values()) == 24 and sum(int(v) > 0 for v in counts.values()) >= 2
+    assert r["expert_bytes_read_per_token"] <= 0.65 * r["expert_bytes_read_per_token_reference"] * (1 + 1e-6)
+    low = convert_experts(f16_moe, str(tmp_path / "q2.edgert.gguf"), CALIB, "calib", uniform="Q2_K",
+                          calib_tokens=512, window=256)
+    assert r["sensitivity_cost_total"] < low["sensitivity_cost_total"]
+    g = GGUFFile(pkg)
+    seen = {}
+    for il in range(3):
+        for e in range(8):
+            types = {TYPE_NAMES[g.tensors[f"blk.{il}.{k}.{e}.weight"].qtype] for k in
+                     ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+            assert len(types) == 1   # an expert's three matrices share its type
+            name = types.pop()
+            seen[name] = seen.get(name, 0) + 1
+    g.close()
+    assert {k: int(v) for k, v in counts.items() if int(v)} == seen
+    toks = np.random.default_rng(5).integers(3, 320, 12)
+    got, _ = _run(pkg, toks)
+    assert np.all(np.isfinite(got))
+
+
+def test_allocate_respects_the_target_and_buys_the_best_reductions():
+    from edgert.converters.expert_bits import allocate
+    rng = np.random.default_rng(0)
+    cost = np.sort(rng.random((12, 4)), 1)[:, ::-1] * rng.random((12, 1)) * 10   # decreasing with bytes
+    freq = rng.random(12)
+    nbytes = np.array([84.0, 110.0, 144.0, 272.0])
+    floor = float(np.sum(freq * nbytes[0]))
+    assert np.all(allocate(cost, freq, nbytes, floor) == 0)
+    assert np.all(allocate(cost, freq, nbytes, float(np.sum(freq * nbytes[-1]))) == 3)
+    prev = np.inf
+    for frac in (1.1, 1.4, 1.8, 2.5):
+        ch = allocate(cost, freq, nbytes, frac * floor)
+        assert np.sum(freq * nbytes[ch]) <= frac * floor * (1 + 1e-9)
+        total = float(np.sum(cost[np.arange(12), ch]))
+        assert total <= prev
+        prev = total
+    with pytest.raises(EdgertError, match="below every expert at the cheapest type"):
+        allocate(cost, freq, nbytes, 0.5 * floor)
+
+
+@pytest.mark.llama
+def test_expert_package_bad_input(f16_moe, tmp_path):
+    """A corrupted per-expert tensor is refused naming it; a missing one is named; a dense model,
+    an unknown type and a target below the cheapest type are one-line errors."""
+    from test_gguf import _rewrite
+    from edgert.converters.expert_bits import convert_experts
+    from edgert.gguf_file import GGUFFile
+    pkg = str(tmp_path / "p.edgert.gguf")
+    convert_experts(f16_moe, pkg, CALIB, "calib", uniform="Q4_K", calib_tokens=512, window=256)
+    g = GGUFFile(pkg)
+    t = g.tensors["blk.1.ffn_down_exps.5.weight"]
+    off = t.offset   # from the start of the file
+    g.close()
+    bad = str(tmp_path / "bad.edgert.gguf")
+    data = bytearray(open(pkg, "rb").read())
+    data[off + 100] ^= 0xFF
+    open(bad, "wb").write(data)
+    with pytest.raises(EdgertError, match="tensor 'blk.1.ffn_down_exps.5.weight' is corrupted"):
+        Model(bad, n_ctx=32)
+    def drop(meta, tensors):
+        meta.pop("general.alignment")   # (gguf's writer would not pad to it)
+        tensors.remove(next(x for x in tensors if x[0] == "blk.2.ffn_up_exps.3.weight"))
+    gone = _rewrite(pkg, str(tmp_path / "gone.edgert.gguf"), drop)
+    with pytest.raises(EdgertError, match="blk.2.ffn_up_exps.3.weight"):
+        Model(gone, n_ctx=32, verify=False)
+    from edgert.converters.tiny import write_tiny_gguf
+    dense = write_tiny_gguf(str(tmp_path / "dense.gguf"), "llama", n_layer=1)
+    with pytest.raises(EdgertError, match="not a mixture of experts"):
+        convert_experts(dense, str(tmp_path / "d.edgert.gguf"), CALIB, "calib")
+    with pytest.raises(EdgertError, match="expert type 'Q9_X'"):
+        convert_experts(f16_moe, str(tmp_path / "x.edgert.gguf"), CALIB, "calib", types=("Q9_X",))
+    with pytest.raises(EdgertError, match="below every expert at the cheapest type"):
+        convert_experts(f16_moe, str(tmp_path / "s.edgert.gguf"), CALIB, "calib", size=0.3, calib_tokens=512,
+                        window=256)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edgert-")]   # no temp file left behind
