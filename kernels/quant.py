@@ -646,7 +646,8 @@ def round_f16(x):
     return f16_to_f32(f16_bits(x))
 
 
-F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # the NaN halves (NumPy on aarch64 warns converting them)
+    F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 F16_TABLE.setflags(write=False)
 
 
