@@ -101,7 +101,7 @@ test-nojit: setup $(FIXTURES)/.done-2
 	NUMBA_DISABLE_JIT=1 EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q -p no:warnings tests/test_quant.py tests/test_kernels.py tests/test_fmath.py
 
 # the fuzz campaign (tests/test_fuzz.py, tests/test_deploy.py): 2000 random cases for each of GGUF
-# files, packages, device profile values and text, tokenizer input, CLI arguments, probe transcripts
+# files, packages (neuron and expert), device profile values and text, tokenizer input, CLI arguments, probe transcripts
 # and tegrastats lines (16,000); the test suite runs the same targets as a fixed-seed smoke
 fuzz: setup
 	EDGERT_FUZZ_EXAMPLES=2000 EDGERT_FUZZ_RANDOM=1 EDGERT_FIXTURES=$(FIXTURES) $(BIN)/python -m pytest -q \

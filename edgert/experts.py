@@ -138,8 +138,10 @@ def expert_shares(slots: int, n_layer: int) -> list:
 
 
 class ExpertCache:
-    """`slots` experts held (repacked) in RAM, shared out evenly over the layers (expert_shares),
-    the others read from flash when routed.
+    """The bytes of `slots` experts (at the largest expert's size) held (repacked) in RAM, shared
+    out evenly over the layers (expert_shares), the others read from flash when routed. A layer's
+    share is bytes, not a count: with per-expert bit widths (converters/expert_bits.py) a share
+    holds more of the smaller experts; with one type throughout it holds exactly its slots.
 
     slots = 0 streams: each routed expert is read when routed, used and dropped (no cache, no
     prefetch; the reads of one call in flight together, as many as there are staging buffers)."""
@@ -161,6 +163,9 @@ class ExpertCache:
         self.free_stage = list(range(self.n_stage))
         self.inflight = []                                               # [(il, entry)] oldest first
         self.held = max(held_nbytes(ms) for lay in layers for ms in lay)
+        self.held_of = [[held_nbytes(ms) for ms in lay] for lay in layers]  # [il][e] RAM once repacked
+        self.share_bytes = [n * self.held for n in self.share]             # [il] bytes layer il may hold
+        self.used = [0] * len(layers)                                      # [il] bytes it holds
 
     @staticmethod
     def plan_bytes(layers, slots: int, k: int) -> int:
@@ -216,13 +221,16 @@ class ExpertCache:
     def _admit(self, il, e, keep, origin) -> "_Entry | None":
         """A new entry for e, its read queued; evicts if the layer's share is full (None: all kept)."""
         d = self.cached[il]
-        if len(d) >= (self.share[il] or self.n_stage):
+        need = self.held_of[il][e]
+        while d and (len(d) >= self.n_stage if self.stream else self.used[il] + need > self.share_bytes[il]):
             v = self._victim(il, keep)
             if v is None:
                 return None
             old = d.pop(v)
+            self.used[il] -= self.held_of[il][v]
             if old.futs is not None:   # an unused prefetch: its read lands before its buffer is reused
                 self._finish(il, old)
+        self.used[il] += need
         ent = d[e] = _Entry(e, self.tick[il], origin)
         self._issue(il, ent)
         return ent
@@ -262,6 +270,7 @@ class ExpertCache:
         mats = ent.mats
         if self.stream:      # dropped after this use; the next routed expert's read queued
             del self.cached[il][e]
+            self.used[il] -= self.held_of[il][e]
             if self.queue[il]:
                 self._request(il, [self.queue[il].pop(0)], "demand")
         return mats

@@ -2,13 +2,14 @@
 fails with one EdgertError naming the problem -- never another exception, a hang or a crash.
 
   targets: GGUF files (header, metadata, vocabulary arrays, tensor infos, truncation) through
-           GGUFFile, the config, the tokenizer and Model loading; edgert packages (their recipe);
+           GGUFFile, the config, the tokenizer and Model loading; edgert packages (their recipe;
+           neuron and expert packages);
            device profiles (parsed TOML values and raw text); tokenizer input; CLI arguments;
            ONNX exports (manifest values, block file bytes); run-model's .npy inputs; the block
            bytes of every quantised type through repack, dequantisation and the products;
            probe transcripts (tests/test_deploy.py).
   CI:      a fixed-seed smoke (derandomized, EDGERT_FUZZ_EXAMPLES per target, default 40).
-  make fuzz: EDGERT_FUZZ_EXAMPLES=2000 over the ten targets here = 20,000 cases, plus the probe's.
+  make fuzz: EDGERT_FUZZ_EXAMPLES=2000 over the eleven targets here = 22,000 cases, plus the probe's.
 Cases that once failed are pinned with @example (the regression corpus)."""
 from __future__ import annotations
 
@@ -104,14 +105,21 @@ def test_fuzz_gguf(gguf_seed, tmp_path_factory, ops):
 def package_seed(tiny_models, tmp_path_factory):
     from edgert.converters.package import convert
     out = str(tmp_path_factory.mktemp("pkg") / "tiny.edgert.gguf")
+    convert(tiny_models["llama"], out, _calib_text(), "fuzz", levels=(0.5,), calib_tokens=128, window=128)
+    return _seed_of(out)
+
+
+def _calib_text() -> str:
     from pydoc_data.topics import topics
-    text = "\n".join(topics[k] for k in sorted(topics))[:20000]
-    convert(tiny_models["llama"], out, text, "fuzz", levels=(0.5,), calib_tokens=128, window=128)
+    return "\n".join(topics[k] for k in sorted(topics))[:20000]
+
+
+def _seed_of(path: str) -> Seed:
     from edgert.gguf_file import GGUFFile
-    g = GGUFFile(out)
+    g = GGUFFile(path)
     data_start = min(t.offset for t in g.tensors.values())
     g.close()
-    with open(out, "rb") as f:
+    with open(path, "rb") as f:
         return Seed(f.read(), data_start)
 
 
@@ -126,6 +134,37 @@ def test_fuzz_package(package_seed, tmp_path_factory, ops):
     path.write_bytes(_mutate(blob, data_start, ops))
     try:
         m = Model(str(path), n_ctx=16, n_batch=8, ffn="sparse")
+        m.forward(np.array([1, 2, 3]))
+        m.decode_one_token(4)
+    except EdgertError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@pytest.fixture(scope="module")
+def expert_package_seed(tmp_path_factory):
+    """A tiny mixture of experts (F16) converted to an expert package of mixed per-expert types."""
+    pytest.importorskip("llama_cpp")
+    from edgert.converters.expert_bits import convert_experts
+    from edgert.converters.tiny import write_tiny_gguf
+    d = tmp_path_factory.mktemp("epkg")
+    src = write_tiny_gguf(str(d / "moe.gguf"), "llama", n_layer=2, n_expert=4,
+                          types={k: 1 for k in ("attn_q", "attn_k", "attn_v", "attn_output", "output")})
+    out = str(d / "moe.edgert.gguf")
+    convert_experts(src, out, _calib_text(), "fuzz", size=0.8, calib_tokens=256, window=128)
+    return _seed_of(out)
+
+
+@FUZZ
+@given(ops=OPS)
+def test_fuzz_expert_package(expert_package_seed, tmp_path_factory, ops):
+    """An expert package's header, recipe and per-expert tensor index (types, shapes, offsets)
+    mutated: refused in one line or loaded (and its experts run from flash through the cache)."""
+    from edgert.model import Model
+    blob, data_start = expert_package_seed
+    path = tmp_path_factory.mktemp("epkg") / "p.edgert.gguf"
+    path.write_bytes(_mutate(blob, data_start, ops))
+    try:
+        m = Model(str(path), n_ctx=16, n_batch=8, ffn="cached", cache_slots=2)
         m.forward(np.array([1, 2, 3]))
         m.decode_one_token(4)
     except EdgertError as e:

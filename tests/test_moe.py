@@ -280,9 +280,19 @@ def test_mixed_expert_bits_meet_the_size_target_and_follow_the_costs(f16_moe, tm
             seen[name] = seen.get(name, 0) + 1
     g.close()
     assert {k: int(v) for k, v in counts.items() if int(v)} == seen
-    toks = np.random.default_rng(5).integers(3, 320, 12)
+    toks = np.random.default_rng(5).integers(3, 320, 16)
     got, _ = _run(pkg, toks)
     assert np.all(np.isfinite(got))
+    # the expert cache's shares are bytes: streamed through a small cache the logits are the
+    # resident ones, and a share holds as many of the smaller experts as fit
+    streamed, ms = _run(pkg, toks, ffn="cached", cache_slots=3, direct_io=True)
+    assert np.array_equal(streamed.view(np.uint32), got.view(np.uint32))
+    cache = ms.ffn[0].experts
+    assert all(0 < u <= b for u, b in zip(cache.used, cache.share_bytes))
+    sizes = [h for lay in cache.held_of for h in lay]
+    assert all(sum(cache.held_of[il][e] for e in d) == cache.used[il] for il, d in enumerate(cache.cached))
+    if max(sizes) >= 2 * min(sizes):
+        assert any(len(d) > n for d, n in zip(cache.cached, cache.share))
 
 
 def test_allocate_respects_the_target_and_buys_the_best_reductions():
